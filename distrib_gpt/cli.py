@@ -45,12 +45,10 @@ def _prepare(args: argparse.Namespace) -> None:
     from .data import prepare_data
 
     cfg = load_config(args.config, args.overrides)
-    prepared = prepare_data(cfg.data)
-    counts = prepared.manifest.get("counts", {})
-    state = "reused" if prepared.reused else "wrote"
-    print(f"{state} {prepared.dir}")
-    for split, c in counts.items():
-        print(f"  {split}: " + ", ".join(f"{k}={v}" for k, v in c.items()))
+    prepared = prepare_data(cfg.data)  # logs what it wrote, with counts, or that it reused
+    if prepared.reused:
+        for split, c in prepared.manifest.get("counts", {}).items():
+            print(f"  {split}: " + ", ".join(f"{k}={v}" for k, v in c.items()))
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -72,16 +72,22 @@ def build_model(cfg: Config) -> GPT:
     return GPT(GPTConfig.from_name(m.name, **shape, **common))
 
 
-def prepare_run_dir(cfg: Config) -> Path:
+def check_run_dir(cfg: Config) -> None:
+    """Refuse, before any work, to write into a directory that holds another run."""
     run_dir = cfg.run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.run.overwrite:
-            raise ConfigError(
-                f"run.name: run directory {run_dir} already exists and is not empty; "
-                "choose another run.name or pass run.overwrite=true"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
+        raise ConfigError(
+            f"run.name: run directory {run_dir} already exists and is not empty; "
+            "choose another run.name or pass run.overwrite=true"
+        )
+
+
+def create_run_dir(cfg: Config) -> Path:
+    run_dir = cfg.run_dir
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # check_run_dir allowed it: empty, or run.overwrite
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
     return run_dir
 
 
@@ -193,8 +199,7 @@ def train(cfg: Config) -> dict:
     device = pick_device(cfg.run.device)
     policy = resolve_precision(cfg.precision, device)
     policy.apply_backend_flags()
-    run_dir = prepare_run_dir(cfg)
-    save_config(cfg, run_dir / "config.yaml")
+    check_run_dir(cfg)
     log = print
 
     prepared = prepare_data(cfg.data, log=log)
@@ -210,6 +215,9 @@ def train(cfg: Config) -> dict:
     model = build_model(cfg).to(device)
     optimizer = build_optimizer(model, cfg.optim, device)
     scaler = policy.make_grad_scaler()
+    # everything that can fail on bad input (config, data, model, precision) has been
+    # checked by now, so a failed start leaves no run directory behind
+    run_dir = create_run_dir(cfg)
 
     steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
     total_steps = t.epochs * steps_per_epoch
@@ -240,15 +248,17 @@ def train(cfg: Config) -> dict:
         if step >= total_steps:
             break
         loader.set_epoch(epoch)
-        epoch_start = time.perf_counter()
+        epoch_start = last = time.perf_counter()
         for group in micro_batch_groups(loader, t.grad_accum):
             if step >= total_steps:
                 break
             lr = lr_at(step, total_steps, cfg.optim)
             set_lr(optimizer, lr)
-            t0 = time.perf_counter()
             r = train_step(model, group, optimizer, policy, scaler, cfg.optim.grad_clip, device)
-            dt = time.perf_counter() - t0  # train_step ends with a host sync, so this is real
+            # a step's time runs from the end of the previous step, so it includes building
+            # the batches; train_step ends with a host sync, so the GPU work is in it too
+            now = time.perf_counter()
+            dt, last = now - last, now
             step += 1
             throughput.update(r.real_tokens, r.pad_tokens, dt)
             supervised_total += r.supervised_tokens
