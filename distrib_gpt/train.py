@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import metrics as M
 from .checkpoint import save_consolidated
-from .config import Config, ConfigError, load_config, save_config
+from .config import Config, ConfigError, save_config
 from .data import BatchLoader, TokenizedSplit, prepare_data
 from .data.loader import Batch
 from .model import GPT, GPTConfig

@@ -42,7 +42,7 @@ def hf_checkpoint(tmp_path_factory):
     # e.g. erf-GELU vs tanh-GELU would not show in the logits. Randomize every
     # parameter at a larger scale so that parity checks each piece of the math.
     with torch.no_grad():
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     path = tmp_path_factory.mktemp("hf_gpt2")
     hf.save_pretrained(str(path))
