@@ -168,9 +168,24 @@ class CheckpointConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: Literal["single"] = "single"
-    """How the model is wrapped across processes. Only `single` until the
-    distributed strategies land."""
+    strategy: Literal["single", "ddp", "zero1", "fsdp_full", "fsdp_grad_op", "hsdp"] = "single"
+    """How the model is spread over the processes that torchrun starts (see
+    distrib_gpt/parallel.py): `single` (one process), `ddp`, `zero1` (DDP + sharded optimizer
+    state), `fsdp_full` (FSDP2, parameters resharded after forward: ZeRO-3), `fsdp_grad_op`
+    (FSDP2, parameters kept after forward: ZeRO-2-like), `hsdp` (replicate across nodes,
+    shard within a node)."""
+    reduce_dtype: Literal["fp32", "param"] = "fp32"
+    """FSDP gradient reduction dtype: `fp32` (default, exact sums) or `param` (the policy's
+    compute dtype: half the bytes on the wire)."""
+    hsdp_replicas: Optional[int] = None
+    """HSDP replica groups (default: the number of nodes, WORLD_SIZE / LOCAL_WORLD_SIZE)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward instead of storing them."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    timeout_s: int = 600
+    """Collective timeout: a rank stuck this long in a collective fails the job instead of
+    hanging it."""
 
 
 @dataclass
@@ -425,6 +440,10 @@ def validate(cfg: Config) -> None:
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two numbers in [0, 1), got {o.betas}")
     _require(o.eps > 0, "optim.eps", "must be positive")
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+    p = cfg.parallel
+    _require(p.timeout_s >= 1, "parallel.timeout_s", "must be >= 1")
+    _require(p.hsdp_replicas is None or p.hsdp_replicas >= 1, "parallel.hsdp_replicas", "must be >= 1")
 
     _require(e.train_subset_batches is None or e.train_subset_batches >= 1, "eval.train_subset_batches", "must be >= 1 or null")
     _require(e.val_batches is None or e.val_batches >= 1, "eval.val_batches", "must be >= 1 or null")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 # n_layer, n_head, n_embd of the four released GPT-2 checkpoints.
 GPT_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -169,6 +170,7 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
+        self.activation_checkpointing = False  # set by parallel.parallelize
         # Weight tying: the output projection reuses the token embedding matrix
         # (as GPT-2 does). Both names then refer to one Parameter.
         self.lm_head.weight = self.transformer.wte.weight
@@ -240,7 +242,11 @@ class GPT(nn.Module):
         pos_emb = self.transformer.wpe(pos)  # (T, n_embd), broadcast over B
         x = self.transformer.drop(tok_emb + pos_emb)
         for block in self.transformer.h:
-            x = block(x)
+            if self.activation_checkpointing and self.training:
+                # keep only the block's input; recompute its activations in backward
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         x = self.transformer.ln_f(x)
 
         if targets is None:

@@ -13,10 +13,12 @@ import math
 
 import torch
 
-from .config import OptimConfig
+from .config import ConfigError, OptimConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, device: torch.device, zero1: bool = False, allow_fused: bool = True
+) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -27,10 +29,19 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     # the fused kernel does the whole update in one launch per dtype/device (CUDA and, since
     # torch 2.4, CPU); older builds lack it, so "auto" falls back to the foreach path.
     supported = "fused" in inspect.signature(torch.optim.AdamW).parameters and device.type in ("cuda", "cpu")
-    if cfg.fused == "on" and not supported:
-        raise ValueError(f"optim.fused: the fused AdamW kernel is not available on {device.type}")
-    fused = supported and cfg.fused != "off"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+    if cfg.fused == "on" and not (supported and allow_fused):
+        raise ConfigError(f"optim.fused: the fused AdamW kernel is not available here ({device.type}, or fp16 under FSDP)")
+    fused = supported and allow_fused and cfg.fused != "off"
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+    if zero1:
+        # ZeRO stage 1: each rank keeps the AdamW states of its share of the parameters,
+        # steps only those, then broadcasts the updated parameters to the other ranks
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW, weight_decay=cfg.weight_decay, **kwargs)
+        zero.add_param_group({"params": groups[1]["params"], "weight_decay": 0.0})
+        return zero
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

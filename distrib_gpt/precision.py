@@ -53,8 +53,27 @@ class PrecisionPolicy:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype)
 
-    def make_grad_scaler(self) -> Optional[torch.amp.GradScaler]:
-        return torch.amp.GradScaler(self.device_type) if self.grad_scaling else None
+    def make_grad_scaler(self, sharded: bool = False) -> Optional[torch.amp.GradScaler]:
+        """fp16's loss scaler. With sharded gradients (FSDP) each rank sees only its shard,
+        so whether any gradient overflowed must be agreed across ranks before stepping:
+        ShardedGradScaler all-reduces its inf check, so every rank skips or steps together."""
+        if not self.grad_scaling:
+            return None
+        if sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(device=self.device_type)
+        return torch.amp.GradScaler(self.device_type)
+
+    def fsdp_mixed_precision(self, reduce_dtype: str = "fp32"):
+        """The policy as FSDP2 sees it: parameters all-gathered in the compute dtype (half the
+        bytes and memory of fp32 under fp16/bf16), gradients reduced in fp32 by default
+        (`parallel.reduce_dtype`). Autocast stays on around the forward, as under DDP, so
+        LayerNorm, softmax and the loss still run in fp32 whatever the strategy."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        reduce = torch.float32 if reduce_dtype == "fp32" else self.compute_dtype
+        return MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=reduce)
 
     def apply_backend_flags(self) -> None:
         """Set process-wide TF32 switches to match the policy (CUDA only)."""

@@ -34,10 +34,21 @@ from tqdm import tqdm
 from . import metrics as M
 from .checkpoint import save_consolidated
 from .config import Config, ConfigError, save_config
-from .data import BatchLoader, TokenizedSplit, prepare_data
+from .data import BatchLoader, DataError, Prepared, TokenizedSplit, prepare_data
 from .data.loader import Batch
+from .distributed import DistInfo, all_reduce, all_reduce_tensor, broadcast_error, gather_objects, init_distributed, shutdown
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, lr_at, set_lr
+from .parallel import (
+    FSDP_STRATEGIES,
+    Parallelized,
+    check_strategy,
+    fsdp_comm_bytes_per_step,
+    full_state_dict,
+    gradient_sync,
+    grad_norm_to_tensor,
+    parallelize,
+)
 from .precision import PrecisionPolicy, resolve_precision
 
 
@@ -46,14 +57,6 @@ class TrainingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device: cuda was requested but no CUDA device is visible")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def build_model(cfg: Config) -> GPT:
@@ -112,30 +115,40 @@ def train_step(
     scaler: Optional[torch.amp.GradScaler],
     grad_clip: float,
     device: torch.device,
+    par: Optional[Parallelized] = None,
+    info: DistInfo = DistInfo(),
 ) -> StepResult:
-    """One optimizer step over `micro_batches` (gradient accumulation)."""
-    n_supervised = sum(b.n_supervised for b in micro_batches)
-    denom = max(n_supervised, 1)
-    loss_sum = torch.zeros((), device=device)
-    for batch in micro_batches:
+    """One optimizer step over `micro_batches` (gradient accumulation) on this rank.
+
+    `model` is the module to call (the DDP/FSDP wrapper under a distributed strategy, whose
+    `Parallelized` record is `par`)."""
+    par = par or Parallelized(model, model, "single")
+    n_local = sum(b.n_supervised for b in micro_batches)
+    # the objective is the mean token loss over every supervised token of the step on every
+    # rank. DDP and FSDP average gradients over ranks (divide by W), so each rank's loss is
+    # (its token-loss sum) * W / N_global: the average of those is sum / N_global.
+    (n_global,) = all_reduce(info, [n_local])
+    scale = info.world_size / max(n_global, 1.0)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    for i, batch in enumerate(micro_batches):
         batch = batch.to(device, non_blocking=True)
-        with policy.autocast():
-            _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False)
-        # dividing by the step's token count makes the accumulated gradient that of the
-        # mean token loss over the whole step, whatever the micro-batch split.
-        loss = loss / denom
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_sum += loss.detach()
+        with gradient_sync(par, sync=i == len(micro_batches) - 1):
+            with policy.autocast():
+                _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False)
+            loss_sum += loss.detach().double()
+            loss = loss * scale
+            (scaler.scale(loss) if scaler is not None else loss).backward()
 
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()  # one sync
+    grad_norm = grad_norm_to_tensor(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf))
+    loss_sum = all_reduce_tensor(info, loss_sum)
+    loss_value, norm_value = torch.stack([loss_sum / max(n_global, 1.0), grad_norm.double()]).tolist()  # one sync
 
     skipped = False
     if not math.isfinite(loss_value):
-        skipped = True  # never let a non-finite loss move the weights
+        skipped = True  # never let a non-finite loss move the weights (same decision on every rank)
         if scaler is not None:
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
     elif scaler is not None:
@@ -154,28 +167,40 @@ def train_step(
         grad_norm=norm_value,
         real_tokens=sum(b.n_real_tokens for b in micro_batches),
         pad_tokens=sum(b.n_pad for b in micro_batches),
-        supervised_tokens=n_supervised,
+        supervised_tokens=int(n_global),
         skipped=skipped,
     )
 
 
 @torch.no_grad()
-def evaluate(model: GPT, loader: BatchLoader, max_batches: Optional[int], policy: PrecisionPolicy, device: torch.device) -> float:
-    """Mean token loss over the supervised tokens of the first `max_batches` batches."""
+def evaluate(
+    model: GPT,
+    loader: BatchLoader,
+    max_batches: Optional[int],
+    policy: PrecisionPolicy,
+    device: torch.device,
+    info: DistInfo = DistInfo(),
+) -> float:
+    """Mean token loss over the supervised tokens of the first `max_batches` global batches
+    (all of them if None), each rank evaluating its share."""
     was_training = model.training
     model.eval()
+    limit = loader.global_batches() if max_batches is None else min(max_batches, loader.global_batches())
+    per_rank = -(-limit // info.world_size)  # the same on every rank (FSDP needs lockstep)
     total = torch.zeros((), device=device, dtype=torch.float64)
     count = 0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
+    for j, batch in enumerate(loader):
+        if j >= per_rank:
             break
         batch = batch.to(device, non_blocking=True)
         with policy.autocast():
             _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False)
-        total += loss.double()
-        count += batch.n_supervised
+        if info.rank + j * info.world_size < limit:  # not one of the repeats that pad the list
+            total += loss.double()
+            count += batch.n_supervised
     model.train(was_training)
-    return total.item() / max(count, 1)
+    total_all, count_all = all_reduce(info, [total.item(), count])
+    return total_all / max(count_all, 1)
 
 
 def micro_batch_groups(loader: BatchLoader, grad_accum: int) -> Iterator[list[Batch]]:
@@ -193,57 +218,98 @@ def micro_batch_groups(loader: BatchLoader, grad_accum: int) -> Iterator[list[Ba
 # ------------------------------------------------------------------------- the run
 
 
+def _prepare_shared(cfg: Config, info: DistInfo, log) -> Prepared:
+    """Tokenize once per node (local rank 0), then let the other ranks reuse the shards.
+    A failure on the preparing rank is shared with all ranks, so they stop together."""
+    prepared, error = None, None
+    if info.local_rank == 0:
+        try:
+            prepared = prepare_data(cfg.data, log=log)
+        except DataError as e:
+            error = str(e)
+    error = broadcast_error(info, error)  # also a barrier: the shards exist after it
+    if error:
+        raise DataError(error)
+    return prepared or prepare_data(cfg.data, log=lambda *a: None)
+
+
 def train(cfg: Config) -> dict:
-    """Run a whole training job; returns the summary that is also written to summary.json."""
+    """Run a whole training job; returns the summary (rank 0 also writes summary.json)."""
+    info, device = init_distributed(cfg.run.device, cfg.parallel.timeout_s)
+    try:
+        return _train(cfg, info, device)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
     started = time.time()
-    device = pick_device(cfg.run.device)
+    check_strategy(cfg.parallel, info)
     policy = resolve_precision(cfg.precision, device)
     policy.apply_backend_flags()
     check_run_dir(cfg)
-    log = print
+    main = info.is_main
+    log = print if main else (lambda *a, **k: None)  # only rank 0 logs and writes files
 
-    prepared = prepare_data(cfg.data, log=log)
+    prepared = _prepare_shared(cfg, info, log)
     train_split = TokenizedSplit.open(prepared.dir, "train")
     val_split = TokenizedSplit.open(prepared.dir, "val")
     d, t = cfg.data, cfg.train
-    loader = BatchLoader(train_split, d.batching, d.seq_len, t.micro_batch_size, seed=cfg.run.seed)
+    ranks = dict(rank=info.rank, world_size=info.world_size)
+    loader = BatchLoader(train_split, d.batching, d.seq_len, t.micro_batch_size, seed=cfg.run.seed, **ranks)
     eval_bs = cfg.eval.batch_size or t.micro_batch_size
-    train_eval = BatchLoader(train_split, d.batching, d.seq_len, eval_bs, seed=cfg.run.seed, shuffle=False)
-    val_eval = BatchLoader(val_split, d.batching, d.seq_len, eval_bs, seed=cfg.run.seed, shuffle=False)
+    train_eval = BatchLoader(train_split, d.batching, d.seq_len, eval_bs, seed=cfg.run.seed, shuffle=False, **ranks)
+    val_eval = BatchLoader(val_split, d.batching, d.seq_len, eval_bs, seed=cfg.run.seed, shuffle=False, **ranks)
 
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = build_model(cfg).to(device)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    scaler = policy.make_grad_scaler()
+    n_params = model.num_params()
+    mc = model.config
+    fpt = M.flops_per_token(model.num_params(exclude_embeddings=True), mc.n_layer, mc.n_head, mc.n_embd // mc.n_head, d.seq_len)
+    par = parallelize(model, cfg.parallel, policy, info, device)
+    sharded = cfg.parallel.strategy in FSDP_STRATEGIES
+    # torch 2.13's ShardedGradScaler hands the fused AdamW kernel a found_inf of shape [1]
+    # where it expects a scalar, so fp16 under FSDP uses the (foreach) unfused AdamW
+    optimizer = build_optimizer(
+        par.model, cfg.optim, device, zero1=cfg.parallel.strategy == "zero1",
+        allow_fused=not (sharded and policy.grad_scaling),
+    )
+    scaler = policy.make_grad_scaler(sharded=sharded)
     # everything that can fail on bad input (config, data, model, precision) has been
     # checked by now, so a failed start leaves no run directory behind
-    run_dir = create_run_dir(cfg)
+    run_dir = create_run_dir(cfg) if main else cfg.run_dir
 
     steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
     total_steps = t.epochs * steps_per_epoch
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
-    mc = model.config
-    n_params = model.num_params()
-    fpt = M.flops_per_token(model.num_params(exclude_embeddings=True), mc.n_layer, mc.n_head, mc.n_embd // mc.n_head, d.seq_len)
     peak = M.peak_flops(device, policy.name)
+    global_batch = t.micro_batch_size * t.grad_accum * info.world_size
     log(
-        f"run {run_dir} | {device.type} | precision {policy.name} | params {n_params / 1e6:.1f}M | "
-        f"{len(loader)} micro-batches x {t.micro_batch_size} x {d.seq_len} per epoch | {total_steps} steps"
+        f"run {run_dir} | {cfg.parallel.strategy} x {info.world_size} | {device.type} | precision {policy.name} | "
+        f"params {n_params / 1e6:.1f}M | global batch {global_batch} x {d.seq_len} | "
+        f"{len(loader)} micro-batches per rank per epoch | {total_steps} steps"
     )
 
-    writer = M.MetricsWriter(run_dir, tensorboard=cfg.metrics.tensorboard)
+    writer = M.MetricsWriter(run_dir, tensorboard=cfg.metrics.tensorboard) if main else None
     throughput = M.Throughput(skip=1 if total_steps > 1 else 0)
-    train_losses = [evaluate(model, train_eval, cfg.eval.train_subset_batches, policy, device)]
-    val_losses = [evaluate(model, val_eval, cfg.eval.val_batches, policy, device)]
-    log(f"epoch 0 | train loss {train_losses[0]:.4f} | val loss {val_losses[0]:.4f}")
+    model_fn = par.model
+
+    def run_eval() -> tuple[float, float]:
+        tl = evaluate(model_fn, train_eval, cfg.eval.train_subset_batches, policy, device, info)
+        vl = evaluate(model_fn, val_eval, cfg.eval.val_batches, policy, device, info)
+        return tl, vl
+
+    tl, vl = run_eval()
+    train_losses, val_losses = [tl], [vl]
+    log(f"epoch 0 | train loss {tl:.4f} | val loss {vl:.4f}")
 
     step = 0
     epoch_times: list[float] = []
     skipped_steps = nonfinite_in_a_row = 0
     supervised_total = 0
-    bar = tqdm(total=total_steps, disable=not t.progress, unit="step", dynamic_ncols=True, file=sys.stderr)
-    model.train()
+    bar = tqdm(total=total_steps, disable=not (t.progress and main), unit="step", dynamic_ncols=True, file=sys.stderr)
+    model_fn.train()
     for epoch in range(t.epochs):
         if step >= total_steps:
             break
@@ -254,7 +320,7 @@ def train(cfg: Config) -> dict:
                 break
             lr = lr_at(step, total_steps, cfg.optim)
             set_lr(optimizer, lr)
-            r = train_step(model, group, optimizer, policy, scaler, cfg.optim.grad_clip, device)
+            r = train_step(model_fn, group, optimizer, policy, scaler, cfg.optim.grad_clip, device, par, info)
             # a step's time runs from the end of the previous step, so it includes building
             # the batches; train_step ends with a host sync, so the GPU work is in it too
             now = time.perf_counter()
@@ -269,10 +335,10 @@ def train(cfg: Config) -> dict:
                     f"{nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient (step {step}, "
                     f"last loss {r.loss}); lower optim.lr, or use precision=bf16/fp32 instead of fp16"
                 )
-            tok_s = r.real_tokens / dt if dt > 0 else 0.0
+            tok_s = r.real_tokens * info.world_size / dt if dt > 0 else 0.0  # estimate; exact figures at the end
             bar.update(1)
             bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            if step % t.log_every == 0 or step == total_steps:
+            if writer is not None and (step % t.log_every == 0 or step == total_steps):
                 writer.log(
                     {
                         "step": step,
@@ -286,30 +352,75 @@ def train(cfg: Config) -> dict:
                         "skipped": r.skipped,
                     }
                 )
-        epoch_times.append(time.perf_counter() - epoch_start)
-        train_losses.append(evaluate(model, train_eval, cfg.eval.train_subset_batches, policy, device))
-        val_losses.append(evaluate(model, val_eval, cfg.eval.val_batches, policy, device))
-        bar.write(
-            f"epoch {epoch + 1} | train loss {train_losses[-1]:.4f} | val loss {val_losses[-1]:.4f} | "
-            f"{epoch_times[-1]:.1f}s"
-        )
+        (epoch_time,) = all_reduce(info, [time.perf_counter() - epoch_start], op="max")
+        epoch_times.append(epoch_time)
+        tl, vl = run_eval()
+        train_losses.append(tl)
+        val_losses.append(vl)
+        if main:
+            bar.write(f"epoch {epoch + 1} | train loss {tl:.4f} | val loss {vl:.4f} | {epoch_time:.1f}s")
     bar.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
 
     ckpt_bytes = None
     if cfg.checkpoint.save_final:
-        ckpt_dir = save_consolidated(model, run_dir / "checkpoint", cfg.checkpoint.export_dtype)
-        ckpt_bytes = M.dir_bytes(ckpt_dir)
+        state = full_state_dict(par)  # a collective under FSDP: every rank takes part
+        if main:
+            plain = GPT(mc)
+            plain.load_state_dict(state)
+            ckpt_bytes = M.dir_bytes(save_consolidated(plain, run_dir / "checkpoint", cfg.checkpoint.export_dtype))
 
+    # every rank's own figures; the job's are sums of tokens and maxima of times and memory
     gpu_peak, gpu_reserved = M.gpu_memory(device)
-    tps = throughput.tokens_per_s
+    mine = {
+        "rank": info.rank,
+        "real_tokens_timed": throughput.tokens,
+        "timed_s": throughput.seconds,
+        "tokens_per_s": throughput.tokens_per_s,
+        "peak_gpu_mem_bytes": gpu_peak,
+        "peak_gpu_reserved_bytes": gpu_reserved,
+        "peak_host_rss_bytes": M.peak_host_rss_bytes(),
+        "real_tokens": throughput.real_tokens_total,
+        "pad_tokens": throughput.pad_tokens_total,
+        "grad_comm_bytes": par.comm.bytes,
+    }
+    per_rank = gather_objects(info, mine)
+    if not main:
+        return {}
+
+    def job_max(key):
+        values = [r[key] for r in per_rank if r[key] is not None]
+        return max(values) if values else None
+
+    timed_s = job_max("timed_s") or 0.0
+    tps = sum(r["real_tokens_timed"] for r in per_rank) / timed_s if timed_s > 0 else None
+    real_all = sum(r["real_tokens"] for r in per_rank)
+    pad_all = sum(r["pad_tokens"] for r in per_rank)
+    if cfg.parallel.strategy in ("ddp", "zero1"):
+        # the hook measures the gradient bytes handed to all-reduce; a ring all-reduce of G
+        # bytes makes each rank send 2 (W-1)/W G
+        w = info.world_size
+        measured = per_rank[0]["grad_comm_bytes"] / step if step else 0.0
+        comm_per_step = 2 * (w - 1) / w * measured
+        comm_how = f"measured: {measured:.0f} gradient bytes all-reduced per step (DDP comm hook), x 2(W-1)/W for a ring"
+        if cfg.parallel.strategy == "zero1":
+            # each rank then broadcasts the fp32 parameters it updated to the others
+            comm_per_step += (w - 1) / w * n_params * 4
+            comm_how += ", plus the ZeRO-1 parameter broadcast (W-1)/W x fp32 parameter bytes (computed)"
+    elif sharded:
+        comm_per_step = fsdp_comm_bytes_per_step(par, policy, cfg.parallel.reduce_dtype, info.world_size)
+        comm_how = "computed from sharded sizes"
+    else:
+        comm_per_step, comm_how = 0, "none (single process)"
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary = {
         "precision": policy.name,
         "precision_requested": policy.requested,
         "precision_note": policy.note,
         "strategy": cfg.parallel.strategy,
-        "world_size": 1,
+        "world_size": info.world_size,
+        "num_nodes": info.num_nodes,
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "params": n_params,
@@ -317,27 +428,32 @@ def train(cfg: Config) -> dict:
         "tokens_per_s": tps,
         "epoch_time_s": epoch_times,
         "mean_epoch_time_s": sum(epoch_times) / len(epoch_times) if epoch_times else None,
-        "peak_gpu_mem_bytes": gpu_peak,
-        "peak_gpu_reserved_bytes": gpu_reserved,
-        "peak_host_rss_bytes": M.peak_host_rss_bytes(),
+        "peak_gpu_mem_bytes": job_max("peak_gpu_mem_bytes"),
+        "peak_gpu_reserved_bytes": job_max("peak_gpu_reserved_bytes"),
+        "peak_host_rss_bytes": job_max("peak_host_rss_bytes"),
         "checkpoint_bytes": ckpt_bytes,
         "train_loss_by_epoch": train_losses,
         "val_loss_by_epoch": val_losses,
-        "mfu": (tps * fpt / peak) if (tps and peak) else None,
-        "padding_fraction": throughput.padding_fraction,
+        "mfu": (tps / info.world_size * fpt / peak) if (tps and peak) else None,
+        "padding_fraction": pad_all / (real_all + pad_all) if real_all + pad_all else 0.0,
         # context for reading the numbers above
         "steps": step,
         "epochs_completed": len(epoch_times),
         "last_epoch_partial": step < t.epochs * steps_per_epoch and step == total_steps,
         "timed_steps": max(throughput.steps - throughput.skip, 0),
-        "real_tokens": throughput.real_tokens_total,
+        "real_tokens": real_all,
         "supervised_tokens": supervised_total,
         "skipped_steps": skipped_steps,
-        "global_batch_sequences": t.micro_batch_size * t.grad_accum,
+        "global_batch_sequences": global_batch,
+        "micro_batch_size": t.micro_batch_size,
+        "grad_accum": t.grad_accum,
         "seq_len": d.seq_len,
         "batching": d.batching,
+        "comm_bytes_per_step": comm_per_step,
+        "comm_bytes_how": comm_how,
         "flops_per_token": fpt,
         "peak_flops": peak,
+        "per_rank": per_rank,
         "data_manifest_key": prepared.manifest["key"],
         "data_counts": prepared.manifest.get("counts"),
         "config_hash": cfg.hash(),

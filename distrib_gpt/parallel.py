@@ -1,0 +1,175 @@
+"""How the model is wrapped for a strategy: the one place that decides it.
+
+`parallelize` applies, in this order (as torchtitan pins it): activation checkpointing per
+transformer block, `torch.compile` per block, then the data-parallel wrapper. Compiling
+blocks rather than the whole model keeps compile time flat in depth and lets FSDP hooks stay
+outside the compiled graphs; checkpointing before compiling lets the compiler see the
+recomputation.
+
+| strategy       | what is sharded                      | ZeRO stage | wrapper                                   |
+| -------------- | ------------------------------------ | ---------- | ----------------------------------------- |
+| `single`       | nothing (one process)                | -          | none                                      |
+| `ddp`          | nothing; gradients all-reduced       | -          | DistributedDataParallel                   |
+| `zero1`        | optimizer states                     | 1          | DDP + ZeroRedundancyOptimizer             |
+| `fsdp_grad_op` | optimizer states + gradients (params kept unsharded between forward and backward) | 2-like | FSDP2 `fully_shard(reshard_after_forward=False)` |
+| `fsdp_full`    | optimizer states + gradients + parameters | 3     | FSDP2 `fully_shard(reshard_after_forward=True)` |
+| `hsdp`         | `fsdp_full` within a node, replicated across nodes | 3 within a node | FSDP2 on a 2-D mesh (replicate, shard) |
+
+FSDP units: one per transformer block, plus the root (embeddings, final LayerNorm and the LM
+head). The token embedding and the LM head are one Parameter (tied), so they share a unit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ConfigError, ParallelConfig
+from .distributed import DistInfo
+from .model import GPT
+from .precision import PrecisionPolicy
+
+FSDP_STRATEGIES = ("fsdp_full", "fsdp_grad_op", "hsdp")
+DDP_STRATEGIES = ("ddp", "zero1")
+
+
+@dataclass
+class Parallelized:
+    model: nn.Module
+    """What the train step calls (the wrapper, or the model itself)."""
+    inner: GPT
+    """The plain model (for its config and parameter counts; under FSDP its parameters are
+    sharded DTensors)."""
+    strategy: str
+    comm: "CommCounter" = field(default_factory=lambda: CommCounter())
+
+
+@dataclass
+class CommCounter:
+    """Bytes this rank sent to collectives for gradients, counted by a DDP comm hook."""
+
+    bytes: int = 0
+    calls: int = 0
+
+
+def check_strategy(cfg: ParallelConfig, info: DistInfo) -> None:
+    """Fail at start-up, naming the key, when the strategy cannot run in this job."""
+    s = cfg.strategy
+    if s == "single" and info.world_size > 1:
+        raise ConfigError(
+            f"parallel.strategy: 'single' runs one process but WORLD_SIZE={info.world_size}; "
+            "use ddp, zero1, fsdp_full, fsdp_grad_op or hsdp under torchrun"
+        )
+    if s != "single" and not info.enabled:
+        # a one-process group is still a valid DDP/FSDP job; torchrun is what creates it
+        raise ConfigError(
+            f"parallel.strategy: '{s}' needs a process group; launch with torchrun "
+            "(e.g. torchrun --nproc_per_node=1 -m distrib_gpt.train ...) or use strategy=single"
+        )
+    if s == "hsdp":
+        replicas = cfg.hsdp_replicas or info.num_nodes
+        if info.world_size % replicas != 0:
+            raise ConfigError(
+                f"parallel.hsdp_replicas: {replicas} replica groups do not divide WORLD_SIZE={info.world_size}"
+            )
+
+
+def hsdp_mesh_shape(cfg: ParallelConfig, info: DistInfo) -> tuple[int, int]:
+    replicas = cfg.hsdp_replicas or info.num_nodes
+    return replicas, info.world_size // replicas
+
+
+def parallelize(model: GPT, cfg: ParallelConfig, policy: PrecisionPolicy, info: DistInfo, device: torch.device) -> Parallelized:
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.compile:
+        for block in model.transformer.h:
+            block.compile()  # in place: parameter names (and checkpoint keys) stay plain
+    s = cfg.strategy
+    if s == "single":
+        return Parallelized(model, model, s)
+    if s in DDP_STRATEGIES:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        counter = CommCounter()
+        ddp.register_comm_hook(counter, _counting_allreduce_hook)
+        return Parallelized(ddp, model, s, counter)
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if s == "hsdp":
+        mesh = init_device_mesh(device.type, hsdp_mesh_shape(cfg, info), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (info.world_size,), mesh_dim_names=("shard",))
+    mp = policy.fsdp_mixed_precision(cfg.reduce_dtype)
+    reshard = s != "fsdp_grad_op"
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    # the root keeps wte (= lm_head), wpe and ln_f; its parameters are needed again right at
+    # the end of forward (the LM head), so it is never resharded after forward
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    return Parallelized(model, model, s)
+
+
+def _counting_allreduce_hook(state, bucket):
+    """DDP's own all-reduce (divide by world size, then sum), counting the bucket's bytes.
+    (No annotations: DDP checks them at registration, and this module's are strings.)"""
+    buf = bucket.buffer()
+    state.bytes += buf.numel() * buf.element_size()
+    state.calls += 1
+    buf.div_(dist.get_world_size())
+    fut = dist.all_reduce(buf, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+@contextlib.contextmanager
+def gradient_sync(p: Parallelized, sync: bool) -> Iterator[None]:
+    """Skip the gradient reduction on non-final micro-batches of an accumulated step."""
+    if p.strategy in DDP_STRATEGIES and not sync:
+        with p.model.no_sync():
+            yield
+        return
+    if p.strategy in FSDP_STRATEGIES:
+        p.model.set_requires_gradient_sync(sync)
+    yield
+
+
+def grad_norm_to_tensor(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_ returns a DTensor under FSDP; the value is the same on every rank."""
+    full = getattr(norm, "full_tensor", None)
+    return full() if full is not None else norm
+
+
+def full_state_dict(p: Parallelized) -> dict[str, torch.Tensor]:
+    """The plain model's full state dict on CPU (gathered from the shards under FSDP; every
+    rank must call this)."""
+    if p.strategy in FSDP_STRATEGIES:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(p.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in p.inner.state_dict().items()}
+
+
+def fsdp_comm_bytes_per_step(p: Parallelized, policy: PrecisionPolicy, reduce_dtype: str, world_size: int) -> int:
+    """Bytes one rank sends per optimizer step under FSDP, computed from the sharded sizes
+    (torch exposes no counter for FSDP2's collectives).
+
+    Ring collectives: an all-gather or a reduce-scatter of a tensor of S bytes makes each rank
+    send (W-1)/W * S. Forward all-gathers every unit's parameters; `fsdp_full` gathers the
+    blocks again in backward (they were resharded after forward); backward reduce-scatters
+    the gradients. So ~3x the parameter bytes for fsdp_full, ~2x for fsdp_grad_op."""
+    n_params = sum(t.numel() for t in p.inner.parameters())
+    block_params = sum(t.numel() for b in p.inner.transformer.h for t in b.parameters())
+    param_bytes = torch.finfo(policy.compute_dtype).bits // 8
+    grad_bytes = 4 if reduce_dtype == "fp32" else param_bytes
+    frac = (world_size - 1) / world_size if world_size > 1 else 0.0
+    gathers = n_params * param_bytes
+    if p.strategy != "fsdp_grad_op":
+        gathers += block_params * param_bytes  # re-gathered in backward
+    return int(frac * (gathers + n_params * grad_bytes))
