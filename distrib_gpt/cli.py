@@ -11,6 +11,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -36,8 +37,21 @@ def run_command(fn: Callable[[], object]) -> int:
         return 130
     except _expected_errors() as e:
         print(f"error: {e}", file=sys.stderr)
+        _record_for_torchrun(e)
         return EXIT_USAGE
+    except Exception as e:
+        _record_for_torchrun(e)
+        raise
     return 0
+
+
+def _record_for_torchrun(e: BaseException) -> None:
+    """Under torchrun, write the error where the agent looks for it, so the job's failure
+    report names this rank and shows its message instead of a bare exit code."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(e)
 
 
 def _prepare(args: argparse.Namespace) -> None:

@@ -156,20 +156,28 @@ def full_state_dict(p: Parallelized) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in p.inner.state_dict().items()}
 
 
-def fsdp_comm_bytes_per_step(p: Parallelized, policy: PrecisionPolicy, reduce_dtype: str, world_size: int) -> int:
-    """Bytes one rank sends per optimizer step under FSDP, computed from the sharded sizes
-    (torch exposes no counter for FSDP2's collectives).
+def fsdp_comm_bytes_per_step(
+    p: Parallelized, policy: PrecisionPolicy, cfg: ParallelConfig, info: DistInfo, micro_batches: int = 1
+) -> int:
+    """Bytes one rank sends per optimizer step under FSDP/HSDP, computed from the sharded
+    sizes (torch exposes no byte counter for FSDP2's collectives).
 
-    Ring collectives: an all-gather or a reduce-scatter of a tensor of S bytes makes each rank
-    send (W-1)/W * S. Forward all-gathers every unit's parameters; `fsdp_full` gathers the
-    blocks again in backward (they were resharded after forward); backward reduce-scatters
-    the gradients. So ~3x the parameter bytes for fsdp_full, ~2x for fsdp_grad_op."""
+    Ring collectives over a group of S ranks: an all-gather or a reduce-scatter of S bytes
+    makes each rank send (S-1)/S of them, an all-reduce 2 (S-1)/S. Forward all-gathers every
+    unit's parameters (in the compute dtype); `fsdp_full` gathers the blocks again in
+    backward (they were resharded after forward); backward reduce-scatters the gradients (in
+    `parallel.reduce_dtype`). So ~3x the parameter bytes for fsdp_full, ~2x for fsdp_grad_op.
+    HSDP shards within groups of S = W / R ranks, then all-reduces each gradient shard across
+    the R replicas. With gradient accumulation the gathers happen on every micro-batch, the
+    gradient reduction only on the last."""
     n_params = sum(t.numel() for t in p.inner.parameters())
     block_params = sum(t.numel() for b in p.inner.transformer.h for t in b.parameters())
     param_bytes = torch.finfo(policy.compute_dtype).bits // 8
-    grad_bytes = 4 if reduce_dtype == "fp32" else param_bytes
-    frac = (world_size - 1) / world_size if world_size > 1 else 0.0
-    gathers = n_params * param_bytes
+    grad_bytes = 4 if cfg.reduce_dtype == "fp32" else param_bytes
+    replicas, shard = hsdp_mesh_shape(cfg, info) if p.strategy == "hsdp" else (1, info.world_size)
+    gathered = n_params * param_bytes
     if p.strategy != "fsdp_grad_op":
-        gathers += block_params * param_bytes  # re-gathered in backward
-    return int(frac * (gathers + n_params * grad_bytes))
+        gathered += block_params * param_bytes  # re-gathered in backward
+    within = (shard - 1) / shard * (micro_batches * gathered + n_params * grad_bytes)
+    across = 2 * (replicas - 1) / replicas * n_params * grad_bytes / shard
+    return int(within + across)

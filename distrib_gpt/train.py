@@ -409,7 +409,7 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
             comm_per_step += (w - 1) / w * n_params * 4
             comm_how += ", plus the ZeRO-1 parameter broadcast (W-1)/W x fp32 parameter bytes (computed)"
     elif sharded:
-        comm_per_step = fsdp_comm_bytes_per_step(par, policy, cfg.parallel.reduce_dtype, info.world_size)
+        comm_per_step = fsdp_comm_bytes_per_step(par, policy, cfg.parallel, info, t.grad_accum)
         comm_how = "computed from sharded sizes"
     else:
         comm_per_step, comm_how = 0, "none (single process)"

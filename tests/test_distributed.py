@@ -174,3 +174,15 @@ def test_rank_shards_disjoint_cover_and_reshuffle(cache):
     first = torch.cat([b.input_ids for b in ranks[0]])
     ranks[0].set_epoch(1)
     assert not torch.equal(first, torch.cat([b.input_ids for b in ranks[0]]))  # a new epoch reshuffles
+
+
+def test_failing_rank_brings_the_job_down_with_its_message(cache, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    helper = Path(__file__).parent / "helpers" / "fail_rank.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(helper),
+           *overrides(cache, tmp_path, "fail", "parallel.strategy=ddp", "train.micro_batch_size=4", "parallel.timeout_s=60")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0
+    report = r.stderr[r.stderr.index("Root Cause"):]
+    assert "rank      : 1" in report and "injected failure on rank 1 at step 2" in report
+    assert not (tmp_path / "fail" / "summary.json").exists()

@@ -208,3 +208,13 @@ def test_module_entry_point_runs(tmp_path):
     assert summary["steps"] == 2
     resolved = yaml.safe_load((tmp_path / "runs" / "cli" / "config.yaml").read_text())
     assert resolved["model"]["n_embd"] == 32 and resolved["run"]["name"] == "cli"
+
+
+@pytest.mark.slow
+def test_compile_per_block_same_losses(tmp_path):
+    """torch.compile of each block (inductor on CPU: tens of seconds to compile) changes speed,
+    not the math: the loss curve matches the eager run."""
+    eager = T.train(load_config(None, tiny(tmp_path, "train.max_steps=4", "run.name=eager")))
+    compiled = T.train(load_config(None, tiny(tmp_path, "train.max_steps=4", "run.name=compiled", "parallel.compile=true")))
+    for a, b in zip(compiled["train_loss_by_epoch"], eager["train_loss_by_epoch"]):
+        assert a == pytest.approx(b, rel=1e-4)
