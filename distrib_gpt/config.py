@@ -160,6 +160,12 @@ class MetricsConfig:
 
 @dataclass
 class CheckpointConfig:
+    every_steps: Optional[int] = None
+    """Save a sharded, resumable checkpoint every N optimizer steps (null: never mid-epoch)."""
+    every_epoch: bool = True
+    """Save a sharded, resumable checkpoint at the end of every epoch."""
+    keep_last: int = 2
+    """How many complete sharded checkpoints to keep (older ones are deleted)."""
     save_final: bool = True
     """Write the consolidated final checkpoint (safetensors + config.json)."""
     export_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -189,6 +195,51 @@ class ParallelConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    after_training: bool = False
+    """When training ends, rank 0 quantizes the final consolidated checkpoint into
+    `checkpoint_int8/` and writes `quant_summary.json` into the run directory (needs
+    checkpoint.save_final). `distrib-gpt quantize` does the same for any checkpoint."""
+    method: Literal["int8_dynamic", "int8_weight_only", "int8_static"] = "int8_dynamic"
+    """torchao recipe (`quantize_`). `int8_dynamic`: int8 weights (symmetric, one scale per
+    output channel), activations quantized per token on the fly. `int8_weight_only`: int8
+    weights, floating-point activations. `int8_static`: int8 weights and one activation scale
+    per layer calibrated on `calib_examples` training examples (verified on CPU only; the
+    tied LM head keeps dynamic activations, see docs/inference.md)."""
+    lm_head: bool = True
+    """Also quantize the LM head. It is tied to the token embedding, so one int8 matrix (a
+    scale per vocabulary row) serves both. false keeps both in floating point: for GPT-2 124M
+    the file is then about half of fp32 instead of about a quarter."""
+    skip: list[str] = field(default_factory=list)
+    """Linear layers kept in floating point: module names or fnmatch patterns, e.g.
+    `transformer.h.0.*` or `*.mlp.c_proj`. The position embedding, LayerNorms and biases are
+    never quantized."""
+    gate_rel_loss: Optional[float] = 0.01
+    """Fail the command when the int8 model's mean validation token loss exceeds fp32's by
+    more than this fraction (0.01 = 1%); null disables the gate. The figures and the int8
+    checkpoint are written either way."""
+    calib_examples: int = 64
+    """Training examples (the first N, stored order) that calibrate `int8_static`."""
+    val_batches: Optional[int] = None
+    """Validation batches for the fp32 vs int8 loss comparison; null = eval.val_batches. Both
+    models are evaluated on `device`, and int8 is slow on CPUs without VNNI/AMX (see
+    docs/inference.md): cap this for large models and validation sets."""
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    """Where the models are evaluated and timed; `auto` picks the GPU when one is visible."""
+    measure: bool = True
+    """Time prefill and decode and measure the peak memory of the original and the int8
+    model (one fresh process each), into quant_summary.json's `inference`."""
+    measure_prompt_tokens: int = 128
+    """Prompt length for the timing (clipped to the model's positions)."""
+    measure_new_tokens: int = 32
+    """Tokens generated per timed run (greedy, end-of-text does not stop them)."""
+    measure_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    """Batch sizes whose decode tokens/s are measured."""
+    measure_repeats: int = 3
+    """Timed runs per batch size; medians are reported."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -199,8 +250,12 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     precision: Literal["fp32", "tf32", "fp16", "bf16", "auto"] = "fp32"
     """Precision policy (see distrib_gpt/precision.py): fp32, tf32, fp16, bf16 or auto."""
+    resume: Optional[str] = None
+    """`auto`: continue from this run's latest checkpoint if there is one (else start);
+    a path: a checkpoint directory, or a run directory whose latest checkpoint to continue."""
 
     # ------------------------------------------------------------------ derived
     @property
@@ -441,9 +496,28 @@ def validate(cfg: Config) -> None:
     _require(o.eps > 0, "optim.eps", "must be positive")
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
 
+    c = cfg.checkpoint
+    _require(c.every_steps is None or c.every_steps >= 1, "checkpoint.every_steps", "must be >= 1 or null")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
     p = cfg.parallel
     _require(p.timeout_s >= 1, "parallel.timeout_s", "must be >= 1")
     _require(p.hsdp_replicas is None or p.hsdp_replicas >= 1, "parallel.hsdp_replicas", "must be >= 1")
+
+    qz = cfg.quantize
+    if qz.after_training:
+        _require(cfg.checkpoint.save_final, "quantize.after_training", "needs checkpoint.save_final=true (it quantizes the final checkpoint)")
+    for i, pat in enumerate(qz.skip):
+        _require(bool(pat.strip()), f"quantize.skip[{i}]", "must be a non-empty layer name or pattern")
+    _require(qz.gate_rel_loss is None or qz.gate_rel_loss >= 0, "quantize.gate_rel_loss", f"must be >= 0 or null, got {qz.gate_rel_loss}")
+    _require(qz.calib_examples >= 1, "quantize.calib_examples", f"must be >= 1, got {qz.calib_examples}")
+    _require(qz.val_batches is None or qz.val_batches >= 1, "quantize.val_batches", "must be >= 1 or null")
+    _require(qz.measure_prompt_tokens >= 1, "quantize.measure_prompt_tokens", f"must be >= 1, got {qz.measure_prompt_tokens}")
+    _require(qz.measure_new_tokens >= 2, "quantize.measure_new_tokens", f"must be >= 2, got {qz.measure_new_tokens}")
+    _require(
+        bool(qz.measure_batch_sizes) and all(b >= 1 for b in qz.measure_batch_sizes),
+        "quantize.measure_batch_sizes", f"must be a non-empty list of sizes >= 1, got {qz.measure_batch_sizes}",
+    )
+    _require(qz.measure_repeats >= 1, "quantize.measure_repeats", f"must be >= 1, got {qz.measure_repeats}")
 
     _require(e.train_subset_batches is None or e.train_subset_batches >= 1, "eval.train_subset_batches", "must be >= 1 or null")
     _require(e.val_batches is None or e.val_batches >= 1, "eval.val_batches", "must be >= 1 or null")

@@ -82,12 +82,32 @@ def init_distributed(device_pref: str, timeout_s: int) -> tuple[DistInfo, torch.
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
         if use_cuda:
             kwargs["device_id"] = device  # binds NCCL eagerly to our GPU
+        restart = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+        if restart > 0:
+            # after an elastic restart torchrun's store still holds the dead attempt's
+            # connection keys (gloo peer addresses), and a fast rank can read a stale one and
+            # fail to connect; a prefix per attempt keeps the attempts apart
+            kwargs.update(store=_attempt_store(restart, rank, timeout_s), rank=rank, world_size=world)
         dist.init_process_group(**kwargs)
     return DistInfo(rank, world, local_rank, local_world, backend), device
 
 
+def _attempt_store(restart: int, rank: int, timeout_s: int) -> dist.Store:
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        is_master=rank == 0 and not agent_hosts_store,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.PrefixStore(f"distrib_gpt/attempt_{restart}/", store)
+
+
 def shutdown(info: DistInfo) -> None:
+    """Tear the group down together: a rank that destroyed its group while another still
+    worked (rank 0 writing the summary) was seen to abort at exit under gloo."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

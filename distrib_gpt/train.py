@@ -19,24 +19,36 @@ step, so a step over several micro-batches computes exactly the gradient of one 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 import platform
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
 from . import metrics as M
-from .checkpoint import save_consolidated
+from .checkpoint import Checkpointer, resolve_resume, save_consolidated
 from .config import Config, ConfigError, save_config
 from .data import BatchLoader, DataError, Prepared, TokenizedSplit, prepare_data
 from .data.loader import Batch
-from .distributed import DistInfo, all_reduce, all_reduce_tensor, broadcast_error, gather_objects, init_distributed, shutdown
+from .distributed import (
+    DistInfo,
+    all_reduce,
+    all_reduce_tensor,
+    barrier,
+    broadcast_error,
+    gather_objects,
+    init_distributed,
+    shutdown,
+)
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, lr_at, set_lr
 from .parallel import (
@@ -75,21 +87,49 @@ def build_model(cfg: Config) -> GPT:
     return GPT(GPTConfig.from_name(m.name, **shape, **common))
 
 
-def check_run_dir(cfg: Config) -> None:
+def check_run_dir(cfg: Config, resuming: bool = False) -> None:
     """Refuse, before any work, to write into a directory that holds another run."""
     run_dir = cfg.run_dir
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
-        raise ConfigError(
-            f"run.name: run directory {run_dir} already exists and is not empty; "
-            "choose another run.name or pass run.overwrite=true"
-        )
+    if resuming or cfg.run.overwrite or not (run_dir.exists() and any(run_dir.iterdir())):
+        return
+    if cfg.resume == "auto" and not (run_dir / "summary.json").exists():
+        return  # a start that died before its first checkpoint (e.g. an elastic restart): begin again
+    raise ConfigError(
+        f"run.name: run directory {run_dir} already exists and is not empty; "
+        "choose another run.name, pass run.overwrite=true, or resume=auto to continue it"
+    )
 
 
-def create_run_dir(cfg: Config) -> Path:
+def check_resumable(state: dict, cfg: Config, global_batch: int, manifest_key: str) -> None:
+    """A resumed run must be the same run: same data, same global batch (any strategy and
+    world size that multiply out to it)."""
+    same = {
+        "data_manifest_key": (state.get("data_manifest_key"), manifest_key, "data.*"),
+        "global_batch_sequences": (state.get("global_batch_sequences"), global_batch, "train.micro_batch_size x train.grad_accum x world size"),
+        "batching": (state.get("batching"), cfg.data.batching, "data.batching"),
+        "seed": (state.get("seed"), cfg.run.seed, "run.seed"),
+    }
+    for name, (saved, now, keys) in same.items():
+        if saved != now:
+            raise ConfigError(f"resume: the checkpoint has {name}={saved} but this run has {now} (set by {keys})")
+
+
+def create_run_dir(cfg: Config, resumed_step: Optional[int] = None) -> Path:
+    """Rank 0: a fresh run directory, or the resumed run's, with metrics.jsonl cut back to
+    the checkpoint's step so the curve continues without repeated steps."""
     run_dir = cfg.run_dir
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # check_run_dir allowed it: empty, or run.overwrite
-    run_dir.mkdir(parents=True)
+    if resumed_step is None:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # check_run_dir allowed it: empty, run.overwrite or resume=auto
+        run_dir.mkdir(parents=True)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)  # resume=PATH may start a new run directory
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists():
+            keep = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+            tmp = metrics.with_name("metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, metrics)
     save_config(cfg, run_dir / "config.yaml")
     return run_dir
 
@@ -203,7 +243,7 @@ def evaluate(
     return total_all / max(count_all, 1)
 
 
-def micro_batch_groups(loader: BatchLoader, grad_accum: int) -> Iterator[list[Batch]]:
+def micro_batch_groups(loader: Iterable[Batch], grad_accum: int) -> Iterator[list[Batch]]:
     """Group an epoch's micro-batches into optimizer steps (the last one may be shorter)."""
     group: list[Batch] = []
     for batch in loader:
@@ -236,10 +276,11 @@ def _prepare_shared(cfg: Config, info: DistInfo, log) -> Prepared:
 def train(cfg: Config) -> dict:
     """Run a whole training job; returns the summary (rank 0 also writes summary.json)."""
     info, device = init_distributed(cfg.run.device, cfg.parallel.timeout_s)
-    try:
-        return _train(cfg, info, device)
-    finally:
-        shutdown(info)
+    summary = _train(cfg, info, device)
+    # only on success: after a failure a peer may be gone, and tearing the group down would
+    # wait for it; the process is about to exit and torchrun cleans up
+    shutdown(info)
+    return summary
 
 
 def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
@@ -247,7 +288,8 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
     check_strategy(cfg.parallel, info)
     policy = resolve_precision(cfg.precision, device)
     policy.apply_backend_flags()
-    check_run_dir(cfg)
+    resume_from = resolve_resume(cfg.resume, cfg.run_dir)
+    check_run_dir(cfg, resuming=resume_from is not None)
     main = info.is_main
     log = print if main else (lambda *a, **k: None)  # only rank 0 logs and writes files
 
@@ -275,16 +317,28 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
         allow_fused=not (sharded and policy.grad_scaling),
     )
     scaler = policy.make_grad_scaler(sharded=sharded)
+    global_batch = t.micro_batch_size * t.grad_accum * info.world_size
+    ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last, info.rank, info.world_size, device)
+    resumed = None
+    if resume_from is not None:
+        resumed = ckpt.load(resume_from, par.model, optimizer)
+        check_resumable(resumed, cfg, global_batch, prepared.manifest["key"])
+        if scaler is not None and resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
+        log(f"resuming from {resume_from} (step {resumed['step']}, epoch {resumed['epoch']}, step in epoch {resumed['step_in_epoch']})")
     # everything that can fail on bad input (config, data, model, precision) has been
     # checked by now, so a failed start leaves no run directory behind
-    run_dir = create_run_dir(cfg) if main else cfg.run_dir
+    if main:
+        create_run_dir(cfg, resumed["step"] if resumed else None)
+        for partial in ckpt.clean_partial():
+            log(f"removed an incomplete checkpoint: {partial}")
+    run_dir = cfg.run_dir
 
     steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
     total_steps = t.epochs * steps_per_epoch
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
     peak = M.peak_flops(device, policy.name)
-    global_batch = t.micro_batch_size * t.grad_accum * info.world_size
     log(
         f"run {run_dir} | {cfg.parallel.strategy} x {info.world_size} | {device.type} | precision {policy.name} | "
         f"params {n_params / 1e6:.1f}M | global batch {global_batch} x {d.seq_len} | "
@@ -300,22 +354,45 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
         vl = evaluate(model_fn, val_eval, cfg.eval.val_batches, policy, device, info)
         return tl, vl
 
-    tl, vl = run_eval()
-    train_losses, val_losses = [tl], [vl]
-    log(f"epoch 0 | train loss {tl:.4f} | val loss {vl:.4f}")
+    if resumed is None:
+        tl, vl = run_eval()
+        train_losses, val_losses = [tl], [vl]
+        log(f"epoch 0 | train loss {tl:.4f} | val loss {vl:.4f}")
+        step = start_epoch = start_step_in_epoch = 0
+        epoch_times: list[float] = []
+        skipped_steps = nonfinite_in_a_row = supervised_total = base_real = base_pad = 0
+    else:
+        train_losses, val_losses = resumed["train_loss_by_epoch"], resumed["val_loss_by_epoch"]
+        epoch_times = resumed["epoch_time_s"]
+        step, start_epoch, start_step_in_epoch = resumed["step"], resumed["epoch"], resumed["step_in_epoch"]
+        skipped_steps, nonfinite_in_a_row = resumed["skipped_steps"], resumed["nonfinite_in_a_row"]
+        supervised_total, base_real, base_pad = resumed["supervised_tokens"], resumed["real_tokens"], resumed["pad_tokens"]
 
-    step = 0
-    epoch_times: list[float] = []
-    skipped_steps = nonfinite_in_a_row = 0
-    supervised_total = 0
+    def save_checkpoint(next_epoch: int, step_in_epoch: int) -> None:
+        real, pad = all_reduce(info, [throughput.real_tokens_total, throughput.pad_tokens_total])
+        state = {
+            "step": step, "epoch": next_epoch, "step_in_epoch": step_in_epoch,
+            "global_batch_sequences": global_batch, "batching": d.batching, "seq_len": d.seq_len,
+            "data_manifest_key": prepared.manifest["key"], "seed": cfg.run.seed,
+            "world_size": info.world_size, "strategy": cfg.parallel.strategy,
+            "model_config": dataclasses.asdict(mc), "config_hash": cfg.hash(), "config": cfg.to_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "train_loss_by_epoch": train_losses, "val_loss_by_epoch": val_losses, "epoch_time_s": epoch_times,
+            "supervised_tokens": supervised_total, "skipped_steps": skipped_steps,
+            "nonfinite_in_a_row": nonfinite_in_a_row, "real_tokens": base_real + int(real), "pad_tokens": base_pad + int(pad),
+        }
+        path = ckpt.save(par.model, optimizer, state, step, barrier=lambda: barrier(info))
+        log(f"checkpoint {path}")
     bar = tqdm(total=total_steps, disable=not (t.progress and main), unit="step", dynamic_ncols=True, file=sys.stderr)
     model_fn.train()
-    for epoch in range(t.epochs):
+    for epoch in range(start_epoch, t.epochs):
         if step >= total_steps:
             break
         loader.set_epoch(epoch)
         epoch_start = last = time.perf_counter()
-        for group in micro_batch_groups(loader, t.grad_accum):
+        skip = start_step_in_epoch if epoch == start_epoch else 0  # steps a resumed epoch already did
+        step_in_epoch = skip
+        for group in micro_batch_groups(loader.iter_from(min(skip * t.grad_accum, len(loader))), t.grad_accum):
             if step >= total_steps:
                 break
             lr = lr_at(step, total_steps, cfg.optim)
@@ -326,6 +403,7 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
             now = time.perf_counter()
             dt, last = now - last, now
             step += 1
+            step_in_epoch += 1
             throughput.update(r.real_tokens, r.pad_tokens, dt)
             supervised_total += r.supervised_tokens
             skipped_steps += r.skipped
@@ -352,6 +430,9 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
                         "skipped": r.skipped,
                     }
                 )
+            every = cfg.checkpoint.every_steps
+            if every and step % every == 0 and step_in_epoch < steps_per_epoch and step < total_steps:
+                save_checkpoint(epoch, step_in_epoch)
         (epoch_time,) = all_reduce(info, [time.perf_counter() - epoch_start], op="max")
         epoch_times.append(epoch_time)
         tl, vl = run_eval()
@@ -359,6 +440,8 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
         val_losses.append(vl)
         if main:
             bar.write(f"epoch {epoch + 1} | train loss {tl:.4f} | val loss {vl:.4f} | {epoch_time:.1f}s")
+        if cfg.checkpoint.every_epoch and step_in_epoch >= steps_per_epoch:
+            save_checkpoint(epoch + 1, 0)
     bar.close()
     if writer is not None:
         writer.close()
@@ -395,8 +478,8 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
 
     timed_s = job_max("timed_s") or 0.0
     tps = sum(r["real_tokens_timed"] for r in per_rank) / timed_s if timed_s > 0 else None
-    real_all = sum(r["real_tokens"] for r in per_rank)
-    pad_all = sum(r["pad_tokens"] for r in per_rank)
+    real_all = base_real + sum(r["real_tokens"] for r in per_rank)
+    pad_all = base_pad + sum(r["pad_tokens"] for r in per_rank)
     if cfg.parallel.strategy in ("ddp", "zero1"):
         # the hook measures the gradient bytes handed to all-reduce; a ring all-reduce of G
         # bytes makes each rank send 2 (W-1)/W G
@@ -432,6 +515,7 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
         "peak_gpu_reserved_bytes": job_max("peak_gpu_reserved_bytes"),
         "peak_host_rss_bytes": job_max("peak_host_rss_bytes"),
         "checkpoint_bytes": ckpt_bytes,
+        "sharded_checkpoint_bytes": M.dir_bytes(latest) if (latest := ckpt.latest()) else None,
         "train_loss_by_epoch": train_losses,
         "val_loss_by_epoch": val_losses,
         "mfu": (tps / info.world_size * fpt / peak) if (tps and peak) else None,
@@ -466,6 +550,12 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
         f"done | tokens/s {tps or 0:,.0f} | mean epoch {summary['mean_epoch_time_s'] or 0:.1f}s | "
         f"loss by epoch {[round(x, 4) for x in train_losses]} | {run_dir / 'summary.json'}"
     )
+
+    # --- int8 inference (quantize.after_training): rank 0 only, after summary.json ---------
+    if cfg.quantize.after_training:
+        from .quantize import quantize_after_training
+
+        quantize_after_training(cfg, run_dir, log=log)  # checkpoint_int8/ + quant_summary.json
     return summary
 
 

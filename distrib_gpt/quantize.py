@@ -1,0 +1,749 @@
+"""int8 inference: quantize a consolidated checkpoint with torchao, save it without pickle, load
+it back, and compare it with the original: validation loss, file size, memory and speed.
+
+    distrib-gpt quantize --checkpoint runs/x/checkpoint --out runs/x/checkpoint_int8
+    distrib-gpt train ... quantize.after_training=true      # the same when training ends
+
+Methods (`quantize.method`; torchao's `quantize_` with the config named):
+
+- `int8_dynamic` (default), `Int8DynamicActivationInt8WeightConfig`: weights int8, symmetric,
+  one scale per output channel; activations quantized to int8 per token at run time; the
+  matmul is int8 x int8 with int32 accumulation.
+- `int8_weight_only`, `Int8WeightOnlyConfig`: the same int8 weights; activations stay in
+  floating point and the weights are dequantized inside the matmul.
+- `int8_static`, `Int8StaticActivationInt8WeightConfig`: the same int8 weights; each layer's
+  activations use ONE fixed scale (symmetric, per tensor), the largest |input| the layer saw
+  on `quantize.calib_examples` training examples / 127.5. torchao 0.18 requires that scale to
+  have as many dimensions as the layer's input, so it is kept for the block layers (always
+  called with (B, T, C)) while the LM head, called with 2-D and 3-D inputs, uses dynamic
+  activations under this method. Verified on CPU; not verified on CUDA (no GPU was available).
+
+Which layers: every nn.Linear in the blocks (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+except those matching `quantize.skip`; plus the LM head when `quantize.lm_head` (default).
+The LM head is tied to the token embedding, so one int8 matrix with a scale per vocabulary
+row serves both: the head's matmul, and the embedding lookup (rows gathered in int8, then
+scaled; `TiedInt8Embedding`). The position embedding, LayerNorms and biases stay fp32.
+
+On-disk format (a directory like a consolidated checkpoint, safetensors + config.json):
+
+    model.safetensors   plain tensors under their state-dict names (fp32), and for each int8
+                        weight `<layer>.weight`: `<layer>.weight.qdata` (int8, out x in),
+                        `<layer>.weight.scale` (fp32, out x 1) and, for int8_static,
+                        `<layer>.weight.act_scale` (fp32, 1 x 1 x 1)
+    config.json         the GPTConfig, plus "quantization": method, torchao version and the
+                        method of every quantized layer
+
+Why not `torch.save` of the quantized model: torchao weights are tensor subclasses, and
+unpickling them runs code named in the file; `torch.load(weights_only=True)` with torchao's
+safe globals would restrict that to allow-listed classes, but it still ties the file to the
+pickled layout of torchao's private classes (which changes between releases) and widens what a
+malicious file may construct. safetensors holds only named, typed arrays: loading cannot run
+code. `load_quantized` re-wraps the plain int8 data and scales in torchao's `Int8Tensor`
+(symmetric, so its zero point is zero) with the activation settings of the method recorded in
+config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+
+from .checkpoint import CONFIG, WEIGHTS, CheckpointError, load_consolidated
+from .model import GPT, GPTConfig
+
+METHODS = ("int8_dynamic", "int8_weight_only", "int8_static")
+BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+FORMAT_VERSION = 1
+QUANT_SUMMARY = "quant_summary.json"
+
+
+class QuantizationError(RuntimeError):
+    """Quantization cannot proceed, or its result failed the quality gate."""
+
+
+# --------------------------------------------------------------------------- torchao
+
+
+def torchao_api() -> dict[str, Any]:
+    """torchao's pieces we use, imported with its import-time noise silenced (log warnings
+    about CUDA-only extension libraries a CPU build of torch cannot load, a torch.compile
+    deprecation note, torch.jit deprecation warnings), so command-line errors stay one line."""
+    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import torchao
+            from torchao.quantization import (
+                Int8DynamicActivationInt8WeightConfig,
+                Int8StaticActivationInt8WeightConfig,
+                Int8Tensor,
+                Int8WeightOnlyConfig,
+                PerRow,
+                PerTensor,
+                quantize_,
+            )
+            from torchao.quantization.quant_primitives import MappingType
+            from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
+    except ImportError as e:  # pragma: no cover - an install problem
+        raise QuantizationError(f"int8 quantization needs torchao (pip install torchao): {e}") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    return dict(
+        version=torchao.__version__, quantize_=quantize_, Int8Tensor=Int8Tensor, PerRow=PerRow, PerTensor=PerTensor,
+        MappingType=MappingType, Kwargs=QuantizeTensorToInt8Kwargs, Dynamic=Int8DynamicActivationInt8WeightConfig,
+        WeightOnly=Int8WeightOnlyConfig, Static=Int8StaticActivationInt8WeightConfig,
+    )
+
+
+def is_int8(t: Any) -> bool:
+    return type(t).__name__ == "Int8Tensor" and hasattr(t, "qdata")
+
+
+class TiedInt8Embedding(nn.Module):
+    """The token embedding when the tied LM head is int8: it shares the head's Int8Tensor and
+    looks rows up in int8, scaling each by its row's scale (torchao's own embedding op would
+    dequantize the whole vocabulary matrix on every call)."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight  # the same Parameter as lm_head.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return F.embedding(idx, w.qdata).to(w.dtype) * F.embedding(idx, w.scale).to(w.dtype)
+
+
+# ----------------------------------------------------------------- which layers
+
+
+def linear_names(model: GPT) -> list[str]:
+    """Every nn.Linear in the model, in module order (lm_head last)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def select_layers(model: GPT, lm_head: bool, skip: list[str]) -> list[str]:
+    """The Linear layers to quantize: block projections not matched by `skip`, plus the
+    tied LM head if `lm_head` (and not skipped)."""
+    chosen = []
+    for name in linear_names(model):
+        if name == "lm_head" and not lm_head:
+            continue
+        if any(fnmatch.fnmatchcase(name, pat) for pat in skip):
+            continue
+        chosen.append(name)
+    return chosen
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the Linear modules whose weight is actually an int8 tensor now."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_int8(m.weight)]
+
+
+# ------------------------------------------------------------------ quantization
+
+
+@torch.no_grad()
+def calibrate(model: GPT, layers: list[str], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Largest |input| of each layer in `layers` over the calibration batches."""
+    modules = dict(model.named_modules())
+    amax = {n: 0.0 for n in layers}
+    hooks = []
+    for n in layers:
+        def hook(mod, args, n=n):
+            amax[n] = max(amax[n], float(args[0].detach().abs().max()))
+        hooks.append(modules[n].register_forward_pre_hook(hook))
+    model.eval()
+    try:
+        for x, y in batches:
+            model(x, y, reduction="sum", return_logits=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return amax
+
+
+def quantize_model(
+    model: GPT,
+    method: str,
+    lm_head: bool = True,
+    skip: Optional[list[str]] = None,
+    calib_batches: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
+) -> dict[str, str]:
+    """Quantize `model` in place with torchao; returns {layer name: method applied}.
+
+    Raises QuantizationError if the set of int8 layers afterwards is not exactly the set
+    chosen (a silent no-op cannot pass)."""
+    if method not in METHODS:
+        raise QuantizationError(f"quantize.method: {method!r} is not one of {', '.join(METHODS)}")
+    ao = torchao_api()
+    chosen = select_layers(model, lm_head, skip or [])
+    if not chosen:
+        raise QuantizationError("quantize.skip: every Linear layer is skipped; nothing to quantize")
+    model.eval()
+    applied: dict[str, str] = {}
+
+    def only(names: set[str]) -> Callable[[nn.Module, str], bool]:
+        return lambda mod, fqn: isinstance(mod, nn.Linear) and fqn in names
+
+    static = [n for n in chosen if n != "lm_head"] if method == "int8_static" else []
+    if static:
+        if not calib_batches:
+            raise QuantizationError("quantize.method int8_static needs calibration examples (quantize.calib_examples)")
+        amax = calibrate(model, static, calib_batches)
+        for n in static:
+            scale = torch.tensor(max(amax[n], 1e-8) / 127.5, dtype=torch.float32).reshape(1, 1, 1)
+            config = ao["Static"](
+                act_quant_scale=scale, granularity=[ao["PerTensor"](), ao["PerRow"]()], set_inductor_config=False
+            )
+            ao["quantize_"](model, config, filter_fn=only({n}))
+            applied[n] = "int8_static"
+    rest = {n for n in chosen if n not in applied}
+    if rest:
+        rest_method = "int8_weight_only" if method == "int8_weight_only" else "int8_dynamic"
+        config = ao["WeightOnly"](set_inductor_config=False) if rest_method == "int8_weight_only" else ao["Dynamic"](
+            set_inductor_config=False
+        )
+        ao["quantize_"](model, config, filter_fn=only(rest))
+        applied.update({n: rest_method for n in rest})
+    if "lm_head" in applied:
+        # quantize_ gave lm_head a new weight, untying it from wte: make the embedding read
+        # the same int8 matrix so the model stays tied (and wte's fp32 copy is freed)
+        model.transformer.wte = TiedInt8Embedding(model.lm_head.weight)
+    done = set(quantized_layers(model))
+    if done != set(chosen):
+        raise QuantizationError(
+            f"torchao quantized {len(done)} Linear layers but {len(chosen)} were chosen "
+            f"(not quantized: {sorted(set(chosen) - done)[:3]})"
+        )
+    return {n: applied[n] for n in chosen}
+
+
+# ------------------------------------------------------------------ save / load
+
+
+def save_quantized(model: GPT, layers: dict[str, str], out_dir: Path, method: str) -> Path:
+    """Write a quantized model (see the module docstring) atomically to `out_dir`."""
+    ao_version = torchao_api()["version"]
+    out_dir = Path(out_dir)
+    state: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        layer = key.rsplit(".", 1)[0]
+        if key == "transformer.wte.weight" and "lm_head" in layers:
+            continue  # the same int8 matrix as lm_head.weight
+        if key == "lm_head.weight" and "lm_head" not in layers:
+            continue  # tied to transformer.wte.weight, stored once as in fp checkpoints
+        if is_int8(t):
+            if layer not in layers:
+                raise QuantizationError(f"{key} is int8 but not recorded as quantized")
+            if t.zero_point is not None and bool(t.zero_point.any()):
+                raise QuantizationError(f"{key}: non-zero zero point; only symmetric int8 is supported")
+            state[f"{key}.qdata"] = t.qdata
+            state[f"{key}.scale"] = t.scale.float()
+            if t.act_quant_scale is not None:
+                state[f"{key}.act_scale"] = t.act_quant_scale.float()
+        else:
+            state[key] = t.detach().float() if t.is_floating_point() else t.detach()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    meta = {
+        "model": dataclasses.asdict(model.config),
+        "dtype": "fp32",
+        "tied": {"lm_head.weight": "transformer.wte.weight"},
+        "quantization": {
+            "format": FORMAT_VERSION,
+            "library": "torchao",
+            "torchao_version": ao_version,
+            "method": method,
+            "weights": "int8, symmetric, one scale per output channel (per vocabulary row for the tied head)",
+            "layers": layers,
+        },
+    }
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "distrib_gpt": "1", "quantization": method})
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def read_meta(ckpt_dir: Path) -> dict:
+    """config.json of a checkpoint directory (fp or int8), with one-line errors."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
+    for p in (ckpt_dir / CONFIG, ckpt_dir / WEIGHTS):
+        if not p.is_file():
+            raise CheckpointError(f"{p}: checkpoint file not found")
+    try:
+        meta = json.loads((ckpt_dir / CONFIG).read_text(encoding="utf-8"))
+        GPTConfig(**meta["model"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_dir / CONFIG}: not a distrib_gpt checkpoint config ({e})") from None
+    return meta
+
+
+def is_quantized_checkpoint(ckpt_dir: Path) -> bool:
+    return "quantization" in read_meta(ckpt_dir)
+
+
+def load_quantized(ckpt_dir: Path, device: str | torch.device = "cpu") -> GPT:
+    """Rebuild an int8 model saved by `save_quantized` (no pickle: safetensors + JSON).
+
+    The model is built on the meta device and each tensor is placed once, so loading never
+    holds an fp32 copy of the weights (that would defeat the memory figures)."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    q = meta.get("quantization")
+    weights_path = ckpt_dir / WEIGHTS
+    if not isinstance(q, dict) or not isinstance(q.get("layers"), dict) or q.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{ckpt_dir / CONFIG}: not an int8 checkpoint of format {FORMAT_VERSION}")
+    config = GPTConfig(**meta["model"])
+    ao = torchao_api()
+    try:
+        state = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights_path}: corrupt or truncated safetensors file ({e})") from None
+    with torch.device("meta"):
+        model = GPT(config)
+    modules = dict(model.named_modules())
+    for name, method in q["layers"].items():
+        mod = modules.get(name)
+        if not isinstance(mod, nn.Linear) or method not in METHODS:
+            raise CheckpointError(f"{ckpt_dir / CONFIG}: unknown quantized layer {name!r} ({method!r})")
+        key = f"{name}.weight"
+        try:
+            qdata, scale = state.pop(f"{key}.qdata"), state.pop(f"{key}.scale")
+        except KeyError:
+            raise CheckpointError(f"{weights_path}: missing int8 data of {key}") from None
+        act_scale = state.pop(f"{key}.act_scale", None)
+        out_f, in_f = mod.weight.shape
+        if qdata.dtype != torch.int8 or tuple(qdata.shape) != (out_f, in_f) or tuple(scale.shape) != (out_f, 1):
+            raise CheckpointError(
+                f"{weights_path}: {key} is int8 data {tuple(qdata.shape)} ({qdata.dtype}) with scale "
+                f"{tuple(scale.shape)}; config.json implies {(out_f, in_f)} and {(out_f, 1)}"
+            )
+        if method == "int8_static" and act_scale is None:
+            raise CheckpointError(f"{weights_path}: missing activation scale of {key}")
+        per_row = ao["PerRow"]()
+        if method == "int8_dynamic":
+            act_kwargs = ao["Kwargs"](granularity=per_row, mapping_type=ao["MappingType"].SYMMETRIC)
+        elif method == "int8_static":
+            act_kwargs = ao["Kwargs"](granularity=ao["PerTensor"](), mapping_type=ao["MappingType"].SYMMETRIC)
+        else:
+            act_kwargs = None
+        weight = ao["Int8Tensor"](
+            qdata, scale, [1, in_f], torch.float32,
+            zero_point=torch.zeros_like(scale, dtype=torch.int8),
+            act_quant_scale=act_scale, act_quant_kwargs=act_kwargs,
+        )
+        mod.weight = nn.Parameter(weight, requires_grad=False)
+    head_int8 = "lm_head" in q["layers"]
+    if head_int8:
+        model.transformer.wte = TiedInt8Embedding(model.lm_head.weight)
+    expected = {k: v.shape for k, v in model.state_dict().items() if v.is_meta and k != "lm_head.weight"}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_path}: keys do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for k, shape in expected.items():
+        if state[k].shape != shape:
+            raise CheckpointError(f"{weights_path}: {k} has shape {tuple(state[k].shape)}, config.json implies {tuple(shape)}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    if not head_int8:
+        model.lm_head.weight = model.transformer.wte.weight  # restore the tie
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:  # pragma: no cover - guarded by the key check above
+        raise CheckpointError(f"{weights_path}: no data for {left[:3]}")
+    return model.eval()
+
+
+def load_model(ckpt_dir: Path, device: str | torch.device = "cpu", dtype: Optional[str] = None) -> GPT:
+    """Any checkpoint this package writes: consolidated fp (fp32 parameters, or `dtype`
+    "bf16") or int8 (activations fp32)."""
+    if is_quantized_checkpoint(ckpt_dir):
+        if dtype not in (None, "fp32"):
+            raise CheckpointError(f"{ckpt_dir}: an int8 checkpoint runs with fp32 activations, not {dtype}")
+        return load_quantized(ckpt_dir, device)
+    model = load_consolidated(ckpt_dir, map_location=device).eval()
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    return model
+
+
+def checkpoint_bytes(ckpt_dir: Path) -> int:
+    """Bytes on disk of a checkpoint's two files."""
+    return sum((Path(ckpt_dir) / f).stat().st_size for f in (WEIGHTS, CONFIG))
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .config import ConfigError
+
+        raise ConfigError("quantize.device: cuda was requested but no GPU is visible")
+    return torch.device(name)
+
+
+def check_fits(model: GPT, seq_len: int, where: str) -> None:
+    """The model must hold the data's sequences and read GPT-2's token ids."""
+    from .generate import check_vocabulary
+
+    check_vocabulary(model, where)
+    if model.config.block_size < seq_len:
+        raise CheckpointError(
+            f"{where}: the checkpoint has {model.config.block_size} positions but data.seq_len is {seq_len}; "
+            f"pass data.seq_len={model.config.block_size} (or a checkpoint of this shape)"
+        )
+
+
+def val_loader(cfg, log: Callable[..., None] = lambda *a, **k: None):
+    """The validation BatchLoader train.py evaluates on (same data, order, batch size)."""
+    from .data import BatchLoader, TokenizedSplit, prepare_data
+
+    prepared = prepare_data(cfg.data, log=log)
+    split = TokenizedSplit.open(prepared.dir, "val")
+    bs = cfg.eval.batch_size or cfg.train.micro_batch_size
+    return prepared, BatchLoader(split, cfg.data.batching, cfg.data.seq_len, bs, seed=cfg.run.seed, shuffle=False)
+
+
+@torch.no_grad()
+def eval_loss(model: GPT, loader, max_batches: Optional[int], device: torch.device) -> dict[str, float]:
+    """Mean token loss (and perplexity) over the supervised tokens of the first `max_batches`
+    batches (all if None): what train.py's `evaluate` computes, single process."""
+    model.eval()
+    limit = len(loader) if max_batches is None else min(max_batches, len(loader))
+    total, count, n = 0.0, 0, 0
+    for j, batch in enumerate(loader):
+        if j >= limit:
+            break
+        batch = batch.to(device)
+        _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False)
+        total += float(loss)
+        count += batch.n_supervised
+        n += 1
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": count, "batches": n}
+
+
+def calibration_batches(prepared_dir: Path, n: int, seq_len: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `n` training examples (stored order), one per batch, cut to seq_len + 1
+    tokens, with labels where the loss is taken (as in training)."""
+    import numpy as np
+
+    from .data import TokenizedSplit
+
+    split = TokenizedSplit.open(prepared_dir, "train")
+    out = []
+    for i in range(min(n, split.n_examples)):
+        toks, mask = split.example(i)
+        toks = np.asarray(toks[: seq_len + 1], dtype=np.int64)
+        mask = np.asarray(mask[: seq_len + 1])
+        if len(toks) < 2:
+            continue
+        x = torch.from_numpy(toks[:-1].copy())[None].to(device)
+        y = torch.from_numpy(np.where(mask[1:] == 1, toks[1:], -100))[None].to(device)
+        out.append((x, y))
+    return out
+
+
+# ------------------------------------------------------------------ measurement
+
+
+def _peak_rss_reset() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_bytes() -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def measure_checkpoint(ckpt_dir: str, device: str, opts: dict) -> dict:
+    """Load `ckpt_dir` and time it (runs inside a fresh `python -m distrib_gpt.quantize
+    measure` process, so each model's memory is its own)."""
+    from . import metrics as M
+    from .generate import measure_inference
+
+    dev = torch.device(device)
+    int8 = is_quantized_checkpoint(ckpt_dir)
+    if int8:
+        torchao_api()  # torchao's import is part of the baseline, like torch's
+    rss_start = M.host_rss_bytes()
+    t0 = time.perf_counter()
+    model = load_model(ckpt_dir, dev, opts.get("dtype"))
+    load_s = time.perf_counter() - t0
+    rss_loaded = M.host_rss_bytes()
+    scoped = _peak_rss_reset()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    timing = measure_inference(
+        model, dev, opts["prompt_tokens"], opts["new_tokens"], tuple(opts["batch_sizes"]), opts["repeats"]
+    )
+    peak = (_vm_hwm_bytes() if scoped else None) or M.peak_host_rss_bytes()
+    out = {
+        "int8": int8,
+        "load_s": load_s,
+        **timing,
+        "rss_before_load_bytes": rss_start,
+        "rss_after_load_bytes": rss_loaded,
+        "peak_rss_bytes": peak,
+        "peak_rss_above_baseline_bytes": peak - rss_start,
+        "peak_rss_scope": "inference (after load; VmHWM reset)" if scoped else "whole process (getrusage)",
+        "threads": torch.get_num_threads(),
+    }
+    if dev.type == "cuda":
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(dev)
+    return out
+
+
+def measure_in_subprocess(ckpt_dir: Path, device: torch.device, opts: dict) -> dict:
+    """Run `measure_checkpoint` in a child Python process; returns its figures."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "distrib_gpt.quantize", "measure", str(ckpt_dir), str(device), json.dumps(opts)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = r.stdout.strip().splitlines()
+    if r.returncode != 0 or not lines:
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise QuantizationError(f"measuring {ckpt_dir} failed (exit {r.returncode}): {tail}")
+    return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------ the command
+
+
+def run_quantize(
+    cfg,
+    ckpt_dir: Path,
+    out_dir: Path,
+    summary_path: Path,
+    log: Callable[..., None] = print,
+    overwrite: bool = False,
+) -> dict:
+    """Quantize `ckpt_dir` into `out_dir`, compare it with the original on the validation
+    split of `cfg.data`, measure both, write `summary_path`; raise QuantizationError after
+    writing it if the loss gate (`quantize.gate_rel_loss`) is exceeded."""
+    qc = cfg.quantize
+    ckpt_dir, out_dir, summary_path = Path(ckpt_dir), Path(out_dir), Path(summary_path)
+    meta = read_meta(ckpt_dir)
+    if "quantization" in meta:
+        raise CheckpointError(f"{ckpt_dir}: already an int8 checkpoint ({meta['quantization'].get('method')}); pass the original")
+    if out_dir.resolve() == ckpt_dir.resolve() or out_dir.resolve() in ckpt_dir.resolve().parents:
+        raise QuantizationError(f"--out {out_dir} is or contains the source checkpoint; choose another directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise QuantizationError(f"--out {out_dir} exists and is not empty; choose another directory or pass --overwrite")
+    device = resolve_device(qc.device)
+    started = time.time()
+
+    model = load_consolidated(ckpt_dir, map_location=device).eval()
+    check_fits(model, cfg.data.seq_len, str(ckpt_dir))
+    all_linears = linear_names(model)
+    prepared, loader = val_loader(cfg, log=log)
+    log(f"quantize: {ckpt_dir} -> {out_dir} | {qc.method} | evaluating fp32 on the validation split")
+    val_batches = qc.val_batches if qc.val_batches is not None else cfg.eval.val_batches
+    fp = eval_loss(model, loader, val_batches, device)
+    calib = None
+    if qc.method == "int8_static":
+        calib = calibration_batches(prepared.dir, qc.calib_examples, cfg.data.seq_len, device)
+    layers = quantize_model(model, qc.method, qc.lm_head, qc.skip, calib)
+    q8 = eval_loss(model, loader, val_batches, device)
+    save_quantized(model, layers, out_dir, qc.method)
+
+    # the file must reproduce the model just evaluated: one batch, bit for bit
+    reloaded = load_quantized(out_dir, device)
+    x = next(iter(loader)).input_ids[:1, :32].to(device)
+    with torch.no_grad():
+        same = torch.equal(model(x), reloaded(x))
+    if not same:
+        raise QuantizationError(f"{out_dir}: the saved int8 model does not reproduce the quantized one")
+    del model, reloaded
+
+    rel = (q8["loss"] - fp["loss"]) / fp["loss"] if fp["loss"] > 0 else 0.0
+    gate = qc.gate_rel_loss
+    passed = gate is None or rel <= gate
+    fp_bytes, q_bytes = checkpoint_bytes(ckpt_dir), checkpoint_bytes(out_dir)
+    summary: dict[str, Any] = {
+        "method": qc.method,
+        "source_checkpoint": str(ckpt_dir),
+        "quantized_checkpoint": str(out_dir),
+        "torchao": torchao_api()["version"],
+        "torch": torch.__version__,
+        "device": device.type,
+        "quantized_layers": len(layers),
+        "linear_layers": len(all_linears),
+        "layers": layers,
+        "kept_floating_point": [n for n in all_linears if n not in layers]
+        + ["transformer.wpe", "LayerNorms", "biases"]
+        + ([] if "lm_head" in layers else ["transformer.wte (tied to lm_head)"]),
+        "lm_head_quantized": "lm_head" in layers,
+        "calibration_examples": len(calib) if calib is not None else None,
+        "val": {
+            "batches": fp["batches"],
+            "tokens": fp["tokens"],
+            "loss_fp32": fp["loss"],
+            "loss_int8": q8["loss"],
+            "perplexity_fp32": fp["perplexity"],
+            "perplexity_int8": q8["perplexity"],
+            "rel_loss_delta": rel,
+        },
+        "gate": {"rel_loss_max": gate, "passed": passed},
+        "file_bytes": {"fp32": fp_bytes, "int8": q_bytes, "ratio": q_bytes / fp_bytes},
+        "inference": None,
+    }
+    log(
+        f"quantize: {len(layers)}/{len(all_linears)} Linear layers int8 | val loss fp32 {fp['loss']:.4f} "
+        f"int8 {q8['loss']:.4f} ({rel:+.2%}) | file {fp_bytes / 2**20:.1f} MiB -> {q_bytes / 2**20:.1f} MiB "
+        f"({q_bytes / fp_bytes:.1%})"
+    )
+    if qc.measure:
+        opts = dict(
+            prompt_tokens=qc.measure_prompt_tokens, new_tokens=qc.measure_new_tokens,
+            batch_sizes=qc.measure_batch_sizes, repeats=qc.measure_repeats,
+        )
+        log(f"quantize: timing fp32 and int8 on {device.type} (one fresh process each)")
+        inf = {"fp32": measure_in_subprocess(ckpt_dir, device, opts), "int8": measure_in_subprocess(out_dir, device, opts)}
+        a, b = inf["fp32"], inf["int8"]
+        inf["int8_vs_fp32"] = {
+            "prefill_latency": b["prefill_ms_batch1"] / a["prefill_ms_batch1"],
+            **{f"decode_tokens_per_s_batch{k}": b["decode_tokens_per_s"][k] / a["decode_tokens_per_s"][k] for k in a["decode_tokens_per_s"]},
+            "peak_rss": b["peak_rss_bytes"] / a["peak_rss_bytes"],
+            "peak_rss_above_baseline": b["peak_rss_above_baseline_bytes"] / a["peak_rss_above_baseline_bytes"],
+        }
+        summary["inference"] = inf
+        log(
+            "quantize: decode tokens/s "
+            + ", ".join(f"batch {k}: fp32 {a['decode_tokens_per_s'][k]:.1f} int8 {b['decode_tokens_per_s'][k]:.1f}" for k in a["decode_tokens_per_s"])
+            + f" | prefill ms fp32 {a['prefill_ms_batch1']:.1f} int8 {b['prefill_ms_batch1']:.1f}"
+        )
+    summary["wall_time_s"] = time.time() - started
+    from .metrics import write_json_atomic
+
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(summary, summary_path)
+    log(f"quantize: wrote {out_dir} and {summary_path}")
+    if not passed:
+        raise QuantizationError(
+            f"quantize.gate_rel_loss: int8 validation loss {q8['loss']:.4f} is {rel:.2%} above fp32's {fp['loss']:.4f}, "
+            f"over the {gate:.2%} gate (figures in {summary_path}; the int8 checkpoint was kept for inspection)"
+        )
+    return summary
+
+
+def quantize_after_training(cfg, run_dir: Path, log: Callable[..., None] = print) -> dict:
+    """The end-of-training hook (rank 0): run_dir/checkpoint -> run_dir/checkpoint_int8 and
+    run_dir/quant_summary.json."""
+    run_dir = Path(run_dir)
+    return run_quantize(cfg, run_dir / "checkpoint", run_dir / "checkpoint_int8", run_dir / QUANT_SUMMARY, log=log, overwrite=True)
+
+
+# ------------------------------------------------------------ command-line entry points
+
+
+def command_config(ckpt_dir: str | Path, config_path: Optional[str], overrides: list[str], need_data: bool = True):
+    """The config of a `quantize` / `eval` / `generate` command: `--config` if given, else the
+    run's resolved config.yaml next to the checkpoint (run_dir/checkpoint -> run_dir/config.yaml),
+    else (generate only) the defaults; dotted overrides apply on top."""
+    from .config import ConfigError, load_config
+
+    read_meta(Path(ckpt_dir))  # a missing or broken checkpoint is the first thing to report
+    if config_path is None:
+        candidate = Path(ckpt_dir).parent / "config.yaml"
+        if candidate.is_file():
+            config_path = str(candidate)
+        elif need_data:
+            raise ConfigError(
+                f"--config: no run config.yaml next to {ckpt_dir}; pass --config CFG (its data.* names the validation data)"
+            )
+    return load_config(config_path, overrides)
+
+
+def quantize_command(
+    checkpoint: str, out: str, config: Optional[str], overrides: list[str], method: Optional[str] = None,
+    device: Optional[str] = None, summary: Optional[str] = None, overwrite: bool = False, measure: Optional[bool] = None,
+) -> dict:
+    """`distrib-gpt quantize`: the flags are shortcuts for quantize.* overrides."""
+    extra = [f"quantize.method={method}"] * bool(method) + [f"quantize.device={device}"] * bool(device)
+    if measure is False:
+        extra.append("quantize.measure=false")
+    cfg = command_config(checkpoint, config, [*overrides, *extra])
+    summary_path = Path(summary) if summary else Path(out) / QUANT_SUMMARY
+    return run_quantize(cfg, Path(checkpoint), Path(out), summary_path, overwrite=overwrite)
+
+
+def eval_command(checkpoint: str, config: Optional[str], overrides: list[str], device: str = "cpu", as_json: bool = False) -> dict:
+    """`distrib-gpt eval`: mean token loss and perplexity of any checkpoint on the validation split."""
+    cfg = command_config(checkpoint, config, overrides)
+    dev = resolve_device(device)
+    meta = read_meta(Path(checkpoint))
+    model = load_model(Path(checkpoint), dev)
+    check_fits(model, cfg.data.seq_len, checkpoint)
+    _, loader = val_loader(cfg, log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+    result = eval_loss(model, loader, cfg.eval.val_batches, dev)
+    result["checkpoint"] = str(checkpoint)
+    result["method"] = meta.get("quantization", {}).get("method", meta.get("dtype", "fp32"))
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{checkpoint} ({result['method']}) | val loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+            f"{result['tokens']:,} tokens in {result['batches']} batches"
+        )
+    return result
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m distrib_gpt.quantize measure CKPT DEVICE OPTS_JSON` (internal: one model's
+    timing and memory in a fresh process; prints one JSON line)."""
+    if len(argv) != 4 or argv[0] != "measure":
+        print("usage: python -m distrib_gpt.quantize measure CKPT DEVICE OPTS_JSON (internal; see distrib-gpt quantize)", file=sys.stderr)
+        return 2
+    result = measure_checkpoint(argv[1], argv[2], json.loads(argv[3]))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
