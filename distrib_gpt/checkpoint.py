@@ -14,6 +14,7 @@ pickle, so a checkpoint cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -22,7 +23,7 @@ import pickle
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -40,13 +41,26 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or of another shape; the message names the file."""
 
 
-def save_consolidated(model: GPT, out_dir: Path, dtype: str = "fp32") -> Path:
-    """Write `model` to `out_dir` atomically; returns the directory."""
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill; on success it replaces `out_dir`, on
+    failure it is removed, so `out_dir` is never seen half-written."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_consolidated(model: GPT, out_dir: Path, dtype: str = "fp32") -> Path:
+    """Write `model` to `out_dir` atomically; returns the directory."""
+    with atomic_dir(out_dir) as tmp:
         state = {
             k: v.detach().to(device="cpu", dtype=DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous()
             for k, v in model.state_dict().items()
@@ -55,12 +69,7 @@ def save_consolidated(model: GPT, out_dir: Path, dtype: str = "fp32") -> Path:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "distrib_gpt": "1"})
         meta = {"model": dataclasses.asdict(model.config), "dtype": dtype, "tied": {TIED: "transformer.wte.weight"}}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def load_consolidated(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> GPT:
@@ -470,14 +479,6 @@ def export_hf(model: GPT, out_dir: Path) -> Path:
     if missing or unexpected:
         raise CheckpointError(f"export-hf: keys do not map (missing {missing[:3]}, unexpected {unexpected[:3]})")
     hf.tie_weights()
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out_dir) as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)

@@ -51,7 +51,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -65,7 +64,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from .checkpoint import CONFIG, WEIGHTS, CheckpointError, load_consolidated
+from .checkpoint import CONFIG, WEIGHTS, CheckpointError, atomic_dir, load_consolidated
 from .model import GPT, GPTConfig
 
 METHODS = ("int8_dynamic", "int8_weight_only", "int8_static")
@@ -278,17 +277,9 @@ def save_quantized(model: GPT, layers: dict[str, str], out_dir: Path, method: st
             "layers": layers,
         },
     }
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "distrib_gpt": "1", "quantization": method})
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
