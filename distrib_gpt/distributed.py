@@ -53,6 +53,24 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+# What the launcher says about this job, recorded in summary.json so a run can be traced
+# back to its SLURM job (and its restarts) or torchrun attempt.
+_LAUNCH_ENV = {
+    "slurm_job_id": "SLURM_JOB_ID",
+    "slurm_array_job_id": "SLURM_ARRAY_JOB_ID",
+    "slurm_array_task_id": "SLURM_ARRAY_TASK_ID",
+    "slurm_restart_count": "SLURM_RESTART_COUNT",
+    "slurm_job_nodelist": "SLURM_JOB_NODELIST",
+    "torchelastic_run_id": "TORCHELASTIC_RUN_ID",
+    "torchelastic_restart_count": "TORCHELASTIC_RESTART_COUNT",
+}
+
+
+def launch_info() -> dict[str, str]:
+    """The launcher's job identifiers present in the environment (empty for a plain process)."""
+    return {key: os.environ[var] for key, var in _LAUNCH_ENV.items() if os.environ.get(var)}
+
+
 def init_distributed(device_pref: str, timeout_s: int) -> tuple[DistInfo, torch.device]:
     """Initialise the process group if torchrun started us; return (who am I, my device)."""
     if not launched_by_torchrun():

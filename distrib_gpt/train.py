@@ -47,6 +47,7 @@ from .distributed import (
     broadcast_error,
     gather_objects,
     init_distributed,
+    launch_info,
     shutdown,
 )
 from .model import GPT, GPTConfig
@@ -542,6 +543,8 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
         "data_counts": prepared.manifest.get("counts"),
         "config_hash": cfg.hash(),
         "environment": M.environment(),
+        "resumed_from_step": resumed["step"] if resumed else None,
+        "launch": launch_info(),
         "wall_time_s": time.time() - started,
         "finished_at": M.now_iso(),
     }

@@ -19,6 +19,7 @@ from distrib_gpt.data import BatchLoader, TokenizedSplit, prepare_data
 from distrib_gpt.train import train
 
 STEPS = 4
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -119,18 +120,18 @@ def test_half_precision_under_fsdp_tracks_single(precision, cache, tmp_path):
 
 
 def test_two_nodes_world_size_four(cache, tmp_path):
-    """Two torchrun agents (--nnodes=2, c10d rendezvous on 127.0.0.1), 2 workers each."""
+    """Two agents of launch/torchrun.sh (NNODES=2, c10d rendezvous on 127.0.0.1), 2 workers
+    each: the README's multi-node command, with both "nodes" on this machine."""
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = overrides(cache, tmp_path, "two_nodes", "parallel.strategy=hsdp", "train.micro_batch_size=2")
-    cmd = lambda node: [  # noqa: E731
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", f"--node_rank={node}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes-test",
-        "-m", "distrib_gpt.train", *args,
-    ]
-    procs = [subprocess.Popen(cmd(n), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for n in (0, 1)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, NNODES="2", NPROC_PER_NODE="2",
+               RDZV_ENDPOINT=f"127.0.0.1:{port}", RDZV_ID="two-nodes-test")
+    args = overrides(cache, tmp_path, "two_nodes", "parallel.strategy=hsdp", "train.micro_batch_size=2",
+                     "train.grad_accum=1")
+    cmd = [str(REPO / "launch" / "torchrun.sh"), str(REPO / "configs" / "quickstart.yaml"), *args]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in (0, 1)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert f"--rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:{port} --rdzv-id=two-nodes-test" in outs[0][1]
     s = json.loads((tmp_path / "two_nodes" / "summary.json").read_text())
     assert s["world_size"] == 4 and s["num_nodes"] == 2 and len(s["per_rank"]) == 4
     assert s["global_batch_sequences"] == 8
