@@ -34,6 +34,8 @@ from .model import GPT, GPTConfig
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TIED = "lm_head.weight"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -221,12 +223,16 @@ def _write_json(obj: Any, path: Path) -> None:
 class Checkpointer:
     """Saves and restores sharded training state under `run_dir/checkpoints`."""
 
-    def __init__(self, run_dir: Path, keep_last: int, rank: int, world_size: int, device: torch.device):
+    def __init__(self, run_dir: Path, keep_last: int, rank: int, world_size: int, device: torch.device,
+                 adapters_only: bool = False):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
         self.device = device
+        # LoRA's lora.save_adapters_only: leave the frozen base weights out of the saves
+        # (resume rebuilds them from model.init); DCP's ignore_frozen_params does the filtering
+        self.adapters_only = adapters_only
 
     # ---------------------------------------------------------------- discovery
 
@@ -266,11 +272,12 @@ class Checkpointer:
             # goes through DCP, and each rank keeps its own optimizer partition in a file
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp), no_dist=_no_dist())
+            dcp.save({"model": self._model_sd(get_model_state_dict(model, options=self._options()))},
+                     checkpoint_id=str(tmp), no_dist=_no_dist())
             save_file(_flatten_optim(optimizer.optim.state_dict()), str(tmp / f"optim_rank{self.rank}.safetensors"))
         else:
-            model_sd, optim_sd = model_and_optim_state(model, optimizer)
-            dcp.save({"model": model_sd, "optim": _tensor_only(optim_sd)}, checkpoint_id=str(tmp), no_dist=_no_dist())
+            model_sd, optim_sd = model_and_optim_state(model, optimizer, self._options())
+            dcp.save({"model": self._model_sd(model_sd), "optim": _tensor_only(optim_sd)}, checkpoint_id=str(tmp), no_dist=_no_dist())
         save_file(_rng_state(self.device), str(tmp / f"rng_rank{self.rank}.safetensors"))
         barrier()  # every rank's shards and RNG state are on disk
         if self.rank == 0:
@@ -284,6 +291,17 @@ class Checkpointer:
             self._prune(keep=final)
         barrier()  # nobody reads `latest` before it moved
         return final
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # strict=False with adapters only: the frozen weights are absent from the save on purpose
+        return StateDictOptions(ignore_frozen_params=self.adapters_only, strict=not self.adapters_only)
+
+    def _model_sd(self, model_sd: dict) -> dict:
+        # ignore_frozen_params walks named_parameters(), which lists a shared Parameter once,
+        # so the tied LM head (frozen under LoRA) would still be saved under its second name
+        return {k: v for k, v in model_sd.items() if k != TIED} if self.adapters_only else model_sd
 
     def _prune(self, keep: Path) -> None:
         done = sorted(d for d in self.dir.iterdir() if d.name.startswith(CKPT_PREFIX) and d.is_dir())
@@ -314,10 +332,10 @@ class Checkpointer:
                     f"{path}: a zero1 run resumes only from a zero1 checkpoint of the same world size "
                     f"(this one: {trainer_state.get('strategy')} on {trainer_state.get('world_size')} ranks)"
                 )
-            state = {"model": get_model_state_dict(model)}
+            state = {"model": self._model_sd(get_model_state_dict(model, options=self._options()))}
         else:
-            model_sd, optim_sd = model_and_optim_state(model, optimizer)
-            state = {"model": model_sd, "optim": _tensor_only(optim_sd)}
+            model_sd, optim_sd = model_and_optim_state(model, optimizer, self._options())
+            state = {"model": self._model_sd(model_sd), "optim": _tensor_only(optim_sd)}
         try:
             dcp.load(state, storage_reader=_safe_reader(path), no_dist=_no_dist())
         except CheckpointError:
@@ -325,7 +343,7 @@ class Checkpointer:
         except _DCP_ERRORS as e:  # DCP wraps shape/key mismatches in its own exception
             raise CheckpointError(f"{path}: does not fit this model/optimizer ({_dcp_reason(e)})") from None
         if zero:
-            set_model_state_dict(model, state["model"])
+            set_model_state_dict(model, state["model"], options=self._options())
             current = optimizer.optim.state_dict()
             try:
                 saved = load_file(str(optim_file))
@@ -333,7 +351,7 @@ class Checkpointer:
                 raise CheckpointError(f"{optim_file}: unreadable optimizer partition ({e})") from None
             optimizer.optim.load_state_dict({"state": _unflatten_optim(saved), "param_groups": current["param_groups"]})
         else:
-            set_model_and_optim_state(model, optimizer, state["model"], {**optim_sd, "state": state["optim"]["state"]})
+            set_model_and_optim_state(model, optimizer, state["model"], {**optim_sd, "state": state["optim"]["state"]}, self._options())
         rng = path / f"rng_rank{self.rank}.safetensors"
         if trainer_state.get("world_size") == self.world_size and rng.is_file():
             saved = load_file(str(rng))
@@ -387,18 +405,19 @@ def _dcp_reason(e: BaseException) -> str:
     return text[-1].strip() if text else type(e).__name__
 
 
-def model_and_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def model_and_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, options=None) -> tuple[dict, dict]:
     """FQN-keyed model and optimizer state dicts, wrappers stripped (DDP, FSDP2 DTensors stay
     sharded so each rank saves only its part)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    return get_state_dict(model, optimizer)
+    return get_state_dict(model, optimizer, options=options)
 
 
-def set_model_and_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+def set_model_and_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict,
+                              options=None) -> None:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
 
 
 def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
@@ -428,6 +447,17 @@ def load_sharded_model(path: Path) -> GPT:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / TRAINER_STATE}: not a distrib_gpt sharded checkpoint ({e})") from None
     model = GPT(config)
+    lora = trainer_state.get("lora")
+    if lora:
+        from .config import LoRAConfig
+        from .lora import apply_lora, merge_into
+
+        if lora.get("save_adapters_only"):
+            raise CheckpointError(
+                f"{path}: holds LoRA adapters only (lora.save_adapters_only), not the base weights; "
+                "use the run's merged checkpoint/ or its adapter/ with the base model"
+            )
+        apply_lora(model, LoRAConfig(**lora))
     state = {"model": model.state_dict()}
     try:
         dcp.load(state, storage_reader=_safe_reader(path), no_dist=_no_dist())
@@ -436,7 +466,18 @@ def load_sharded_model(path: Path) -> GPT:
     except _DCP_ERRORS as e:
         raise CheckpointError(f"{path}: does not fit the model its trainer_state.json describes ({_dcp_reason(e)})") from None
     model.load_state_dict(state["model"])
-    return model
+    return merge_into(model) if lora else model
+
+
+def save_adapter(adapters: dict[str, torch.Tensor], cfg, out_dir: Path) -> Path:
+    """LoRA adapters alone (`adapter.safetensors`) and what they adapt (`adapter_config.json`:
+    the lora section and the base model), written atomically. Merged weights are in checkpoint/."""
+    with atomic_dir(out_dir) as tmp:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapters.items()}
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "distrib_gpt": "1"})
+        meta = {"lora": dataclasses.asdict(cfg.lora), "base_model": dataclasses.asdict(cfg.model)}
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return Path(out_dir)
 
 
 def load_any(path: Path) -> GPT:

@@ -195,6 +195,28 @@ class ParallelConfig:
 
 
 @dataclass
+class LoRAConfig:
+    enabled: bool = False
+    """Train low-rank adapters (distrib_gpt/lora.py) instead of all weights: the chosen Linear
+    layers are frozen and get W + (alpha/rank)·B·A; only A and B are in the optimizer."""
+    rank: int = 8
+    """Rank r of each adapter pair (A: r x in, B: out x r)."""
+    alpha: float = 16.0
+    """Scale numerator: the update is (alpha / rank)·B·A."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (not on the frozen path)."""
+    targets: list[str] = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"])
+    """Which Linear layers of every block get adapters: any of attn.c_attn (qkv), attn.c_proj,
+    mlp.c_fc, mlp.c_proj."""
+    train_bias: bool = False
+    """Also train the biases of the adapted layers (tiny; off like LoRA's paper)."""
+    save_adapters_only: bool = False
+    """Sharded (resumable) checkpoints hold the adapters and their optimizer state but not the
+    frozen base weights, which resume rebuilds from model.init. The final consolidated
+    checkpoint always holds merged weights."""
+
+
+@dataclass
 class QuantizeConfig:
     after_training: bool = False
     """When training ends, rank 0 quantizes the final consolidated checkpoint into
@@ -251,6 +273,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     precision: Literal["fp32", "tf32", "fp16", "bf16", "auto"] = "fp32"
     """Precision policy (see distrib_gpt/precision.py): fp32, tf32, fp16, bf16 or auto."""
     resume: Optional[str] = None
@@ -518,6 +541,15 @@ def validate(cfg: Config) -> None:
         "quantize.measure_batch_sizes", f"must be a non-empty list of sizes >= 1, got {qz.measure_batch_sizes}",
     )
     _require(qz.measure_repeats >= 1, "quantize.measure_repeats", f"must be >= 1, got {qz.measure_repeats}")
+
+    lo = cfg.lora
+    _require(lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}")
+    _require(lo.alpha > 0, "lora.alpha", f"must be positive, got {lo.alpha}")
+    _require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    lora_targets = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    _require(bool(lo.targets), "lora.targets", f"must name at least one of {list(lora_targets)}")
+    for i, target in enumerate(lo.targets):
+        _require(target in lora_targets, f"lora.targets[{i}]", f"{target!r} is not one of {list(lora_targets)}")
 
     _require(e.train_subset_batches is None or e.train_subset_batches >= 1, "eval.train_subset_batches", "must be >= 1 or null")
     _require(e.val_batches is None or e.val_batches >= 1, "eval.val_batches", "must be >= 1 or null")

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from . import metrics as M
-from .checkpoint import Checkpointer, resolve_resume, save_consolidated
+from .checkpoint import Checkpointer, resolve_resume, save_adapter, save_consolidated
 from .config import Config, ConfigError, save_config
 from .data import BatchLoader, DataError, Prepared, TokenizedSplit, prepare_data
 from .data.loader import Batch
@@ -50,6 +50,7 @@ from .distributed import (
     launch_info,
     shutdown,
 )
+from .lora import adapter_state_dict, apply_lora, merge_state_dict, trainable_summary
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, lr_at, set_lr
 from .parallel import (
@@ -309,6 +310,10 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
     n_params = model.num_params()
     mc = model.config
     fpt = M.flops_per_token(model.num_params(exclude_embeddings=True), mc.n_layer, mc.n_head, mc.n_embd // mc.n_head, d.seq_len)
+    if cfg.lora.enabled:  # freeze the model, add adapters (before wrapping: FSDP shards them with their block)
+        adapted = apply_lora(model, cfg.lora)
+        trainable, total = trainable_summary(model)
+        log(f"lora: rank {cfg.lora.rank} on {len(adapted)} layers | trainable {trainable:,} of {total:,} ({trainable / total:.2%})")
     par = parallelize(model, cfg.parallel, policy, info, device)
     sharded = cfg.parallel.strategy in FSDP_STRATEGIES
     # torch 2.13's ShardedGradScaler hands the fused AdamW kernel a found_inf of shape [1]
@@ -319,7 +324,8 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
     )
     scaler = policy.make_grad_scaler(sharded=sharded)
     global_batch = t.micro_batch_size * t.grad_accum * info.world_size
-    ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last, info.rank, info.world_size, device)
+    ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last, info.rank, info.world_size, device,
+                        adapters_only=cfg.lora.enabled and cfg.lora.save_adapters_only)
     resumed = None
     if resume_from is not None:
         resumed = ckpt.load(resume_from, par.model, optimizer)
@@ -377,6 +383,7 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
             "data_manifest_key": prepared.manifest["key"], "seed": cfg.run.seed,
             "world_size": info.world_size, "strategy": cfg.parallel.strategy,
             "model_config": dataclasses.asdict(mc), "config_hash": cfg.hash(), "config": cfg.to_dict(),
+            "lora": dataclasses.asdict(cfg.lora) if cfg.lora.enabled else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "train_loss_by_epoch": train_losses, "val_loss_by_epoch": val_losses, "epoch_time_s": epoch_times,
             "supervised_tokens": supervised_total, "skipped_steps": skipped_steps,
@@ -447,10 +454,13 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
     if writer is not None:
         writer.close()
 
-    ckpt_bytes = None
+    ckpt_bytes = adapter_bytes = None
     if cfg.checkpoint.save_final:
         state = full_state_dict(par)  # a collective under FSDP: every rank takes part
         if main:
+            if cfg.lora.enabled:  # adapters alone, then merged into plain weights for everything downstream
+                adapter_bytes = M.dir_bytes(save_adapter(adapter_state_dict(state, cfg.lora), cfg, run_dir / "adapter"))
+                state = merge_state_dict(state, cfg.lora)
             plain = GPT(mc)
             plain.load_state_dict(state)
             ckpt_bytes = M.dir_bytes(save_consolidated(plain, run_dir / "checkpoint", cfg.checkpoint.export_dtype))
@@ -516,6 +526,7 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
         "peak_gpu_reserved_bytes": job_max("peak_gpu_reserved_bytes"),
         "peak_host_rss_bytes": job_max("peak_host_rss_bytes"),
         "checkpoint_bytes": ckpt_bytes,
+        "adapter_bytes": adapter_bytes,
         "sharded_checkpoint_bytes": M.dir_bytes(latest) if (latest := ckpt.latest()) else None,
         "train_loss_by_epoch": train_losses,
         "val_loss_by_epoch": val_losses,
