@@ -17,6 +17,9 @@ import torch
 from distrib_gpt.config import load_config
 from distrib_gpt.data import BatchLoader, TokenizedSplit, prepare_data
 from distrib_gpt.train import train
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from tiny_run import tiny_run  # noqa: E402
+
 
 STEPS = 4
 REPO = Path(__file__).resolve().parents[1]
@@ -28,13 +31,7 @@ def cache(tmp_path_factory):
 
 
 def overrides(cache: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "model.name=custom", "model.init=scratch", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-        "model.block_size=64", "data.max_examples=80", "data.seq_len=64", f"data.cache_dir={cache}",
-        f"run.out_dir={out}", f"run.name={name}", "run.device=cpu", "train.epochs=1", f"train.max_steps={STEPS}",
-        "train.progress=false", "train.log_every=1", "optim.lr=3e-3", "optim.warmup_steps=1",
-        "eval.train_subset_batches=4", "eval.val_batches=2", *extra,
-    ]
+    return tiny_run(cache, out, name, "train.epochs=1", f"train.max_steps={STEPS}", "eval.train_subset_batches=4", *extra)
 
 
 def free_port() -> int:

@@ -20,6 +20,9 @@ from distrib_gpt.lora import LoRALinear, apply_lora, merge_into, merge_state_dic
 from distrib_gpt.metrics import dir_bytes
 from distrib_gpt.model import GPT, GPTConfig
 from distrib_gpt.train import train
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from tiny_run import tiny_run  # noqa: E402
+
 
 STEPS = 6  # one whole epoch: the last sharded checkpoint (every_epoch) is the final state
 
@@ -102,13 +105,8 @@ def test_bad_lora_config_names_the_key():
 
 
 def overrides(cache: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "model.name=custom", "model.init=scratch", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-        "model.block_size=64", "data.max_examples=80", "data.seq_len=64", f"data.cache_dir={cache}",
-        f"run.out_dir={out}", f"run.name={name}", "run.device=cpu", "train.epochs=1", f"train.max_steps={STEPS}",
-        "train.progress=false", "train.log_every=1", "optim.lr=3e-2", "optim.warmup_steps=1",
-        "eval.train_subset_batches=2", "eval.val_batches=2", "lora.enabled=true", "lora.rank=4", *extra,
-    ]
+    return tiny_run(cache, out, name, "train.epochs=1", f"train.max_steps={STEPS}", "optim.lr=3e-2",
+                    "lora.enabled=true", "lora.rank=4", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from distrib_gpt.checkpoint import CheckpointError, load_any
 from distrib_gpt.config import load_config
 
 HELPERS = Path(__file__).parent / "helpers"
+sys.path.insert(0, str(HELPERS))
+from tiny_run import tiny_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +27,7 @@ def cache(tmp_path_factory):
 
 
 def overrides(cache: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "model.name=custom", "model.init=scratch", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-        "model.block_size=64", "data.max_examples=80", "data.seq_len=64", f"data.cache_dir={cache}",
-        f"run.out_dir={out}", f"run.name={name}", "run.device=cpu", "train.epochs=2", "train.progress=false",
-        "train.log_every=1", "optim.lr=3e-3", "optim.warmup_steps=1", "eval.train_subset_batches=2",
-        "eval.val_batches=2", "checkpoint.every_steps=2", *extra,
-    ]
+    return tiny_run(cache, out, name, "train.epochs=2", "checkpoint.every_steps=2", *extra)
 
 
 def torchrun(args: list[str], script: str | None = None, nproc: int = 2, extra_env=None, restarts: int = 0):
