@@ -6,6 +6,9 @@
     distrib-gpt eval     --checkpoint DIR             validation loss / perplexity (fp or int8)
     distrib-gpt generate --checkpoint DIR --prompt T  sample text (fp or int8, KV cache)
     distrib-gpt export-hf --checkpoint DIR --out DIR   Hugging Face GPT-2 directory
+    distrib-gpt plan --model M --gpus G --gpu NAME ...  per-GPU memory, fit, step/epoch time
+    distrib-gpt sweep --config CFG --grid KEY=V1,V2 ... one run per grid cell, resumable
+    distrib-gpt report RUN_DIR... --out DIR            report.md + plots comparing runs
 
 Expected failures (bad config, bad data, impossible precision, bad checkpoint, diverged
 training) print one line, `error: ...`, and exit with status 2; anything else is a bug and
@@ -27,13 +30,16 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import DataError
     from .generate import GenerationError
+    from .plan import PlanError
     from .precision import PrecisionError
     from .quantize import QuantizationError
+    from .report import ReportError
+    from .sweep import SweepError
     from .train import TrainingError
 
     return (
         ConfigError, DataError, PrecisionError, CheckpointError, TrainingError, FileNotFoundError,
-        QuantizationError, GenerationError,
+        QuantizationError, GenerationError, PlanError, SweepError, ReportError,
     )
 
 
@@ -173,6 +179,120 @@ def _add_inference_commands(sub) -> None:
     p.set_defaults(fn=_generate)
 
 
+# ----------------------------------------------------------------------------- plan
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from .plan import plan_command
+
+    plan_command(args)
+
+
+def _add_plan_command(sub) -> None:
+    """`distrib-gpt plan`: memory / compute planner (distrib_gpt/plan.py, docs/planning.md).
+    Names are checked by the planner, not by argparse choices, so that a bad one fails in one
+    line listing the known ones."""
+    from . import plan
+    from .metrics import GPU_SPECS
+    from .model import GPT_SHAPES
+
+    p = sub.add_parser(
+        "plan",
+        help="per-GPU memory, whether it fits, FLOPs, step and epoch time of a run",
+        description="Estimate, per GPU, the parameter, gradient, optimizer-state and activation memory of a "
+        "training run of this code, whether it fits the GPU, FLOPs per token, step time and time per epoch at an "
+        "assumed MFU, and the Chinchilla token count. Every formula and its source: distrib_gpt/plan.py and "
+        "docs/planning.md. Without --config: a GPT-2 model on Dolly-15k (estimated token count).",
+        epilog="example: distrib-gpt plan --model gpt2-xl --gpus 8 --gpu a100-40gb --strategy fsdp_full "
+        "--precision bf16 --micro-batch 4 --seq 1024",
+    )
+    p.add_argument("--model", help=f"GPT-2 shape: {', '.join(GPT_SHAPES)} (default gpt2; overrides --config's model)")
+    p.add_argument("--config", "-c", help="take model, precision, strategy, micro-batch, seq, grad-accum, epochs and "
+                   "activation checkpointing from a run config (flags given here override it); dataset tokens from "
+                   "its prepared shards when they exist")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides (with --config)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs in the job (default 1)")
+    p.add_argument("--gpu", default="a100-40gb", help=f"GPU type: {', '.join(GPU_SPECS)} (default a100-40gb)")
+    p.add_argument("--strategy", help=f"{', '.join(plan.STRATEGIES)} (default single for 1 GPU, else ddp)")
+    p.add_argument("--precision", help="fp32, tf32, fp16, bf16 or auto (default auto: bf16 where the GPU has it, "
+                   "else fp16; the T4 and V100 have no bf16/TF32)")
+    p.add_argument("--micro-batch", type=int, help="sequences per GPU per forward (default 8)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default 1024)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--gpus-per-node", type=int, help="hsdp's shard group (default min(gpus, 8))")
+    p.add_argument("--supervised-fraction", type=float, default=1.0, help="fraction of positions with a target: "
+                   "the model runs the LM head only there (default 1.0, the upper bound)")
+    p.add_argument("--mfu", type=float, default=plan.DEFAULT_MFU, help=f"model FLOPs utilisation assumed for the step time "
+                   f"(default {plan.DEFAULT_MFU}: nanoGPT's GPT-2 124M reproduction on 8 A100s implies 23-29%%)")
+    p.add_argument("--dataset-tokens", type=int, help="tokens per epoch (default: the --config's prepared shards, "
+                   "else a Dolly-15k estimate)")
+    p.add_argument("--epochs", type=int, help="epochs for the total time and the Chinchilla comparison (default 3)")
+    p.add_argument("--reserve-gib", type=float, default=plan.DEFAULT_RESERVE_GIB, help="GiB of the GPU not available to "
+                   f"tensors: driver, CUDA context, cuBLAS, NCCL (default {plan.DEFAULT_RESERVE_GIB})")
+    p.add_argument("--fragmentation", type=float, default=plan.DEFAULT_FRAGMENTATION, help="caching-allocator overhead "
+                   f"as a fraction of the planned total (default {plan.DEFAULT_FRAGMENTATION})")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes, FLOPs, seconds)")
+    p.set_defaults(fn=_plan)
+
+
+# ------------------------------------------------------------------- sweep and report
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from .sweep import sweep_command
+
+    sweep_command(args)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import report_command
+
+    report_command(args)
+
+
+def _add_report_commands(sub) -> None:
+    """`distrib-gpt sweep` (distrib_gpt/sweep.py) and `distrib-gpt report` (distrib_gpt/report.py);
+    see docs/report.md."""
+    p = sub.add_parser(
+        "sweep",
+        help="run one training run per cell of a grid of config values, resumably",
+        description="Run the cartesian product of --grid axes, one run per cell, one after another, each in its "
+        "own process (under torchrun with --nproc-per-node). Every cell's config is validated before anything "
+        "runs. Runs go to <run.out_dir>/<name>/<run.name>-<key>=<value>..., with sweep.json recording each "
+        "cell's command, status and exit code. Running the same command again skips finished cells and resumes "
+        "started ones (resume=auto).",
+        epilog="example: distrib-gpt sweep --config configs/quickstart.yaml --grid precision=fp32,bf16 "
+        "--grid lora.enabled=false,true",
+    )
+    p.add_argument("--config", "-c", help="YAML config every cell starts from")
+    p.add_argument("--grid", action="append", default=[], required=True, metavar="KEY=V1,V2",
+                   help="an axis: a dotted config key and its values (parsed as YAML like overrides); repeat for more axes")
+    p.add_argument("--name", help="sweep name: the runs go to <run.out_dir>/<name>/ (default <run.name>-sweep)")
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="run each cell under python -m torch.distributed.run --standalone --nproc-per-node N")
+    p.add_argument("--keep-going", action="store_true", help="run the remaining cells after a cell fails")
+    p.add_argument("--dry-run", action="store_true", help="validate every cell and print its action and command; run nothing")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides for every cell")
+    p.set_defaults(fn=_sweep)
+
+    p = sub.add_parser(
+        "report",
+        help="compare run directories: report.md with tables and PNG plots",
+        description="Read run directories (summary.json, config.yaml, metrics.jsonl, quant_summary.json) or sweep "
+        "directories (sweep.json) and write report.md, report.json (the exact values in every table) and PNG "
+        "plots into --out: results per run, ratios against the fp32 run, loss curves, throughput and memory "
+        "charts, the ablation grid, int8 results and a method section. Runs of different data or model are "
+        "refused unless --allow-mixed, which reports them flagged.",
+        epilog="example: distrib-gpt report runs/quickstart-sweep --out reports/quickstart",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or sweep directories (their cells' runs)")
+    p.add_argument("--out", required=True, help="report directory (replaced if it holds an earlier report)")
+    p.add_argument("--allow-mixed", action="store_true", help="report runs of different data or model, flagged, instead of refusing")
+    p.add_argument("--title", help="report title (default: from the runs' names)")
+    p.set_defaults(fn=_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -201,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
     p.set_defaults(fn=_export_hf)
     _add_inference_commands(sub)
+    _add_plan_command(sub)
+    _add_report_commands(sub)
     return parser
 
 

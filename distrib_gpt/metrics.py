@@ -36,6 +36,22 @@ GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200": {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},
 }
 
+# The GPUs `distrib-gpt plan` knows, by planner name: (GPU_PEAK_TFLOPS key, memory in bytes).
+# Memory is the vendor's nominal capacity, which NVIDIA counts in GiB ("80GB" = 80 GiB of HBM);
+# the driver exposes slightly less (an 80 GB card reports about 79.2 GiB), which the
+# planner's fixed reserve covers (distrib_gpt/plan.py).
+_GiB = 1 << 30
+GPU_SPECS: dict[str, tuple[str, int]] = {
+    "t4": ("T4", 16 * _GiB),
+    "v100-16gb": ("V100", 16 * _GiB),
+    "v100-32gb": ("V100", 32 * _GiB),
+    "a100-40gb": ("A100", 40 * _GiB),
+    "a100-80gb": ("A100", 80 * _GiB),
+    "h100": ("H100", 80 * _GiB),  # SXM
+    "h100-pcie": ("H100 PCIe", 80 * _GiB),
+    "h200": ("H200", 141 * _GiB),
+}
+
 
 def gpu_key(device_name: str) -> Optional[str]:
     """Map a CUDA device name ("NVIDIA A100-SXM4-40GB") to a GPU_PEAK_TFLOPS key."""
