@@ -35,7 +35,6 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch.nn import functional as F
@@ -64,7 +63,7 @@ class KVCache:
         return self.k.shape[3]
 
     @classmethod
-    def allocate(cls, model: GPT, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> "KVCache":
+    def allocate(cls, model: GPT, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         c = model.config
         if max_len > c.block_size:
             raise GenerationError(f"a cache of {max_len} positions exceeds the model's block_size={c.block_size}")
@@ -137,9 +136,9 @@ def forward_full(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 def sample_next(
     logits: torch.Tensor,
     temperature: float,
-    top_k: Optional[int],
-    top_p: Optional[float],
-    generator: Optional[torch.Generator],
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V); see the module docstring for the order."""
     if temperature == 0:
@@ -159,7 +158,7 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not (temperature >= 0 and math.isfinite(temperature)):
@@ -195,9 +194,9 @@ def generate(
     prompt: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    seed: Optional[int] = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
     stop_at_eot: bool = True,
     use_cache: bool = True,
     eot_id: int = EOT_ID,
@@ -269,7 +268,7 @@ def generate(
 # ---------------------------------------------------------------------- prompts
 
 
-def build_prompt(prompt: Optional[str], instruction: Optional[str], context: Optional[str], data_cfg) -> str:
+def build_prompt(prompt: str | None, instruction: str | None, context: str | None, data_cfg) -> str:
     """The text the model continues: `prompt` verbatim, or the training template filled with
     instruction/context (exactly one of prompt / instruction)."""
     from .data.templates import format_prompt

@@ -7,8 +7,11 @@ it back, and compare it with the original: validation loss, file size, memory an
 Methods (`quantize.method`; torchao's `quantize_` with the config named):
 
 - `int8_dynamic` (default), `Int8DynamicActivationInt8WeightConfig`: weights int8, symmetric,
-  one scale per output channel; activations quantized to int8 per token at run time; the
-  matmul is int8 x int8 with int32 accumulation.
+  one scale per output channel; activations quantized per token at run time; the matmul is
+  integer with int32 accumulation. On a CPU the matmul is fbgemm's, not torchao's
+  (`Int8DynamicLinearCPU`, activations 7-bit per token; torchao's CPU kernel is 5-50x slower
+  than fp32 on AVX2 CPUs, see the note above that class); elsewhere torchao's. `kernel=` of
+  `quantize_model` / `load_quantized` / `load_model` chooses ("auto", "fbgemm", "torchao").
 - `int8_weight_only`, `Int8WeightOnlyConfig`: the same int8 weights; activations stay in
   floating point and the weights are dequantized inside the matmul.
 - `int8_static`, `Int8StaticActivationInt8WeightConfig`: the same int8 weights; each layer's
@@ -40,7 +43,8 @@ pickled layout of torchao's private classes (which changes between releases) and
 malicious file may construct. safetensors holds only named, typed arrays: loading cannot run
 code. `load_quantized` re-wraps the plain int8 data and scales in torchao's `Int8Tensor`
 (symmetric, so its zero point is zero) with the activation settings of the method recorded in
-config.json.
+config.json (and, on a CPU, packs the `int8_dynamic` layers for fbgemm). The kernel is a run-time
+choice: the file is the same whichever computes it.
 """
 
 from __future__ import annotations
@@ -55,13 +59,14 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
-import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.nn import functional as F
 
 from .checkpoint import CONFIG, WEIGHTS, CheckpointError, atomic_dir, load_consolidated
@@ -102,17 +107,19 @@ def torchao_api() -> dict[str, Any]:
                 quantize_,
             )
             from torchao.quantization.quant_primitives import MappingType
-            from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
+            from torchao.quantization.quantize_.workflows.int8.int8_tensor import (
+                QuantizeTensorToInt8Kwargs,
+            )
     except ImportError as e:  # pragma: no cover - an install problem
         raise QuantizationError(f"int8 quantization needs torchao (pip install torchao): {e}") from None
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
-    return dict(
-        version=torchao.__version__, quantize_=quantize_, Int8Tensor=Int8Tensor, PerRow=PerRow, PerTensor=PerTensor,
-        MappingType=MappingType, Kwargs=QuantizeTensorToInt8Kwargs, Dynamic=Int8DynamicActivationInt8WeightConfig,
-        WeightOnly=Int8WeightOnlyConfig, Static=Int8StaticActivationInt8WeightConfig,
-    )
+    return {
+        "version": torchao.__version__, "quantize_": quantize_, "Int8Tensor": Int8Tensor, "PerRow": PerRow, "PerTensor": PerTensor,
+        "MappingType": MappingType, "Kwargs": QuantizeTensorToInt8Kwargs, "Dynamic": Int8DynamicActivationInt8WeightConfig,
+        "WeightOnly": Int8WeightOnlyConfig, "Static": Int8StaticActivationInt8WeightConfig,
+    }
 
 
 def is_int8(t: Any) -> bool:
@@ -131,6 +138,178 @@ class TiedInt8Embedding(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         w = self.weight
         return F.embedding(idx, w.qdata).to(w.dtype) * F.embedding(idx, w.scale).to(w.dtype)
+
+
+# ------------------------------------------------- int8 tensors, and the CPU kernel
+
+
+def make_int8_tensor(qdata: torch.Tensor, scale: torch.Tensor, method: str, act_scale: torch.Tensor | None = None):
+    """torchao's Int8Tensor for symmetric int8 `qdata` (out x in) with one `scale` per output
+    channel (out x 1), carrying the activation settings of `method` (what `quantize_` makes)."""
+    ao = torchao_api()
+    per_row = ao["PerRow"]()
+    if method == "int8_dynamic":
+        act_kwargs = ao["Kwargs"](granularity=per_row, mapping_type=ao["MappingType"].SYMMETRIC)
+    elif method == "int8_static":
+        act_kwargs = ao["Kwargs"](granularity=ao["PerTensor"](), mapping_type=ao["MappingType"].SYMMETRIC)
+    else:
+        act_kwargs = None
+    return ao["Int8Tensor"](
+        qdata, scale, [1, qdata.shape[1]], torch.float32,
+        zero_point=torch.zeros_like(scale, dtype=torch.int8),
+        act_quant_scale=act_scale, act_quant_kwargs=act_kwargs,
+    )
+
+
+# Why int8_dynamic does not run through torchao's kernel on a CPU. torchao 0.18 sends an
+# Int8Tensor's dynamic linear to `torch._int_mm` (s8 x s8 -> s32), whose CPU implementation is
+# fast only with AVX-512 VNNI or AMX; on an AVX2 CPU it is far slower than the fp32 GEMV it
+# replaces. PyTorch's fbgemm kernel for dynamic int8 linear (`quantized::linear_dynamic`: the
+# kernel behind the PyTorch tutorial's dynamic quantization of BERT) has AVX2 and AVX-512
+# paths and reads the packed int8 weight once per call. Measured on the development machine
+# (2-core AMD EPYC, AVX2, no VNNI), one layer at batch 1, weights not cache-resident, µs:
+#
+#     layer (in x out)    fp32 F.linear   torchao int8_dynamic   fbgemm (this module)
+#     768 x 3072               1,116           ~16,000                  241
+#     3072 x 768                 842              n/m                   211
+#     768 x 50,304 (head)     15,631              n/m                 3,011
+#
+# (docs/benchmarks.md has the full table and the command; torchao's weight-only path and
+# `torch._weight_int8pack_mm`, the ATen int8 weight-only kernel, are both slower than fp32 on
+# this CPU: the latter has a vectorized path for AVX-512 only.) torchao stays the quantizer
+# (scales, rounding, Int8Tensor, the saved format) and the kernel everywhere else (CUDA,
+# CPUs without fbgemm); only the CPU matmul of `int8_dynamic` layers is fbgemm's.
+
+_FBGEMM_OK: bool | None = None
+
+
+def _fbgemm_prepack(qdata: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's packed form of an int8 weight (out x in) with per-output-channel `scale`."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise RuntimeError("this torch build has no fbgemm engine")
+    out_f = qdata.shape[0]
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates creating qint8 tensors; fbgemm's prepack still takes one. The
+        # tensor lives for this call only (the packed weight is fbgemm's own buffer).
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+        qw = torch._make_per_channel_quantized_tensor(
+            qdata.contiguous(), scale.detach().reshape(-1).double(), torch.zeros(out_f, dtype=torch.long), 0
+        )
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"
+    try:
+        return torch.ops.quantized.linear_prepack(qw, None)
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def fbgemm_available() -> bool:
+    """Whether fbgemm's int8 kernels run here (x86 CPU with AVX2 or better, torch built with
+    fbgemm): checked once by packing and running a tiny layer."""
+    global _FBGEMM_OK
+    if _FBGEMM_OK is None:
+        try:
+            packed = _fbgemm_prepack(torch.ones(4, 8, dtype=torch.int8), torch.ones(4, 1))
+            y = torch.ops.quantized.linear_dynamic(torch.ones(2, 8), packed, True)
+            _FBGEMM_OK = bool(y.shape == (2, 4))
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _FBGEMM_OK = False
+    return _FBGEMM_OK
+
+
+class Int8DynamicLinearCPU(nn.Module):
+    """An `int8_dynamic` Linear layer on the CPU, computed by fbgemm (see the note above).
+
+    Weight: the torchao Int8Tensor's int8 data and per-output-channel scales, packed once for
+    fbgemm (the packed copy is the only one kept, except for the tied LM head, whose Int8Tensor
+    the token embedding also reads: `keep_weight`). `state_dict()` gives the Int8Tensor back
+    (unpacked, bit-exact), so saving is unchanged.
+
+    Activations, per call: each row (token) is divided by its largest |value|, so every row
+    spans at most [-1, 1]; a constant row (+1, -1, 0, ...) is appended, so the range fbgemm
+    finds over the whole input is exactly [-1, 1] whatever the batch holds. fbgemm quantizes
+    with `reduce_range` (scale 2/127: each value becomes an integer in -64..64, about 7 bits;
+    with full 8-bit activations the u8 x s8 multiply-adds of CPUs without VNNI saturate int16:
+    measured 7% error on random data), multiplies u8 x s8 -> s32 exactly, scales back per
+    output channel, and each row is multiplied by its own largest |value|. The net effect is
+    per-token dynamic quantization, like torchao's int8_dynamic but with 7-bit instead of 8-bit
+    activations; and a row's result depends on that row only, so a token computes the same
+    with or without the KV cache and in any batch (tests/test_quantize.py writes the
+    arithmetic out and checks it).
+    """
+
+    def __init__(self, weight: Any, bias: torch.Tensor | None, keep_weight: bool) -> None:
+        super().__init__()
+        if not is_int8(weight) or weight.device.type != "cpu":
+            raise QuantizationError("Int8DynamicLinearCPU takes a CPU Int8Tensor weight")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight if keep_weight else None  # an nn.Parameter stays registered
+        self.bias = bias
+        self._packed = _fbgemm_prepack(weight.qdata, weight.scale)
+        edge = torch.zeros(1, self.in_features)
+        edge[0, 0], edge[0, 1] = 1.0, -1.0
+        self.register_buffer("_edge", edge, persistent=False)
+
+    def int8_weight(self):
+        """The layer's weight as torchao's Int8Tensor (unpacked from fbgemm when not kept)."""
+        if self.weight is not None:
+            return self.weight
+        qw, _ = torch.ops.quantized.linear_unpack(self._packed)
+        return make_int8_tensor(qw.int_repr(), qw.q_per_channel_scales().float().reshape(-1, 1), "int8_dynamic")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight is None:
+            destination[prefix + "weight"] = self.int8_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        amax = x2.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+        y = torch.ops.quantized.linear_dynamic(torch.cat([x2 / amax, self._edge]), self._packed, True)[:-1]
+        y = y * amax if self.bias is None else torch.addcmul(self.bias, y, amax)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, kernel=fbgemm"
+
+
+KERNELS = ("auto", "torchao", "fbgemm")
+
+
+def use_cpu_kernel(model: GPT, layers: dict[str, str], kernel: str = "auto") -> dict[str, str]:
+    """Run the `int8_dynamic` layers of a CPU model through fbgemm (`Int8DynamicLinearCPU`)
+    when `kernel` is "fbgemm", or "auto" and fbgemm is available; returns {layer: kernel}
+    for every layer in `layers` ("torchao" for the rest)."""
+    if kernel not in KERNELS:
+        raise QuantizationError(f"int8 kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+    modules = dict(model.named_modules())
+    dynamic = [n for n, m in layers.items() if m == "int8_dynamic" and isinstance(modules[n], nn.Linear)]
+    on_cpu = all(modules[n].weight.device.type == "cpu" for n in dynamic)
+    if kernel == "fbgemm" and dynamic and not (on_cpu and fbgemm_available()):
+        raise QuantizationError("int8 kernel fbgemm: needs the model on an x86 CPU with a torch build that has fbgemm")
+    use = kernel != "torchao" and bool(dynamic) and on_cpu and fbgemm_available()
+    out = {n: "torchao" for n in layers}
+    if not use:
+        return out
+    tied = getattr(model.transformer.wte, "weight", None)
+    for name in dynamic:
+        lin = modules[name]
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        new = Int8DynamicLinearCPU(lin.weight, lin.bias, keep_weight=lin.weight is tied)
+        setattr(parent, child, new)
+        out[name] = "fbgemm"
+    return out
+
+
+def layer_kernels(model: nn.Module) -> dict[str, str]:
+    """{int8 layer: the kernel its matmul runs on}."""
+    return {
+        n: "fbgemm" if isinstance(m, Int8DynamicLinearCPU) else "torchao"
+        for n, m in model.named_modules()
+        if isinstance(m, Int8DynamicLinearCPU) or (isinstance(m, nn.Linear) and is_int8(m.weight))
+    }
 
 
 # ----------------------------------------------------------------- which layers
@@ -155,8 +334,9 @@ def select_layers(model: GPT, lm_head: bool, skip: list[str]) -> list[str]:
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
-    """Names of the Linear modules whose weight is actually an int8 tensor now."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_int8(m.weight)]
+    """Names of the Linear layers whose weight is actually int8 now (torchao's Int8Tensor, or
+    fbgemm's packed copy of one in `Int8DynamicLinearCPU`)."""
+    return list(layer_kernels(model))
 
 
 # ------------------------------------------------------------------ quantization
@@ -186,15 +366,19 @@ def quantize_model(
     model: GPT,
     method: str,
     lm_head: bool = True,
-    skip: Optional[list[str]] = None,
-    calib_batches: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
+    skip: list[str] | None = None,
+    calib_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    kernel: str = "auto",
 ) -> dict[str, str]:
     """Quantize `model` in place with torchao; returns {layer name: method applied}.
 
-    Raises QuantizationError if the set of int8 layers afterwards is not exactly the set
-    chosen (a silent no-op cannot pass)."""
+    `kernel` picks what computes the `int8_dynamic` layers of a CPU model (`use_cpu_kernel`):
+    "auto" (fbgemm where available), "fbgemm" or "torchao". Raises QuantizationError if the
+    set of int8 layers afterwards is not exactly the set chosen (a silent no-op cannot pass)."""
     if method not in METHODS:
         raise QuantizationError(f"quantize.method: {method!r} is not one of {', '.join(METHODS)}")
+    if kernel not in KERNELS:
+        raise QuantizationError(f"int8 kernel {kernel!r} is not one of {', '.join(KERNELS)}")
     ao = torchao_api()
     chosen = select_layers(model, lm_head, skip or [])
     if not chosen:
@@ -235,7 +419,9 @@ def quantize_model(
             f"torchao quantized {len(done)} Linear layers but {len(chosen)} were chosen "
             f"(not quantized: {sorted(set(chosen) - done)[:3]})"
         )
-    return {n: applied[n] for n in chosen}
+    layers = {n: applied[n] for n in chosen}
+    use_cpu_kernel(model, layers, kernel)
+    return layers
 
 
 # ------------------------------------------------------------------ save / load
@@ -303,11 +489,12 @@ def is_quantized_checkpoint(ckpt_dir: Path) -> bool:
     return "quantization" in read_meta(ckpt_dir)
 
 
-def load_quantized(ckpt_dir: Path, device: str | torch.device = "cpu") -> GPT:
+def load_quantized(ckpt_dir: Path, device: str | torch.device = "cpu", kernel: str = "auto") -> GPT:
     """Rebuild an int8 model saved by `save_quantized` (no pickle: safetensors + JSON).
 
     The model is built on the meta device and each tensor is placed once, so loading never
-    holds an fp32 copy of the weights (that would defeat the memory figures)."""
+    holds an fp32 copy of the weights (that would defeat the memory figures). `kernel`: as in
+    `quantize_model` (on a CPU, `int8_dynamic` layers run on fbgemm unless "torchao")."""
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
     q = meta.get("quantization")
@@ -315,7 +502,13 @@ def load_quantized(ckpt_dir: Path, device: str | torch.device = "cpu") -> GPT:
     if not isinstance(q, dict) or not isinstance(q.get("layers"), dict) or q.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt_dir / CONFIG}: not an int8 checkpoint of format {FORMAT_VERSION}")
     config = GPTConfig(**meta["model"])
-    ao = torchao_api()
+    torchao_api()  # an install problem is reported before the file is read
+    if kernel not in KERNELS:
+        raise QuantizationError(f"int8 kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+    # safetensors maps the file into memory. Where fbgemm will hold its own packed copy of the
+    # int8_dynamic block weights, everything else is copied out of the mapping, so the mapping
+    # (whose pages packing has read) is released once those weights are packed.
+    packs = kernel != "torchao" and torch.device(device).type == "cpu" and fbgemm_available()
     try:
         state = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError) as e:
@@ -341,18 +534,11 @@ def load_quantized(ckpt_dir: Path, device: str | torch.device = "cpu") -> GPT:
             )
         if method == "int8_static" and act_scale is None:
             raise CheckpointError(f"{weights_path}: missing activation scale of {key}")
-        per_row = ao["PerRow"]()
-        if method == "int8_dynamic":
-            act_kwargs = ao["Kwargs"](granularity=per_row, mapping_type=ao["MappingType"].SYMMETRIC)
-        elif method == "int8_static":
-            act_kwargs = ao["Kwargs"](granularity=ao["PerTensor"](), mapping_type=ao["MappingType"].SYMMETRIC)
-        else:
-            act_kwargs = None
-        weight = ao["Int8Tensor"](
-            qdata, scale, [1, in_f], torch.float32,
-            zero_point=torch.zeros_like(scale, dtype=torch.int8),
-            act_quant_scale=act_scale, act_quant_kwargs=act_kwargs,
-        )
+        if packs:
+            keeps_data = method != "int8_dynamic" or name == "lm_head"  # torchao's, or read by the embedding
+            qdata, scale = (qdata.clone() if keeps_data else qdata), scale.clone()
+            act_scale = None if act_scale is None else act_scale.clone()
+        weight = make_int8_tensor(qdata, scale, method, act_scale)
         mod.weight = nn.Parameter(weight, requires_grad=False)
     head_int8 = "lm_head" in q["layers"]
     if head_int8:
@@ -366,22 +552,25 @@ def load_quantized(ckpt_dir: Path, device: str | torch.device = "cpu") -> GPT:
     for k, shape in expected.items():
         if state[k].shape != shape:
             raise CheckpointError(f"{weights_path}: {k} has shape {tuple(state[k].shape)}, config.json implies {tuple(shape)}")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    model.load_state_dict({k: v.to(torch.float32, copy=packs) for k, v in state.items()}, strict=False, assign=True)
     if not head_int8:
         model.lm_head.weight = model.transformer.wte.weight  # restore the tie
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:  # pragma: no cover - guarded by the key check above
         raise CheckpointError(f"{weights_path}: no data for {left[:3]}")
+    use_cpu_kernel(model, dict(q["layers"]), kernel)
     return model.eval()
 
 
-def load_model(ckpt_dir: Path, device: str | torch.device = "cpu", dtype: Optional[str] = None) -> GPT:
+def load_model(
+    ckpt_dir: Path, device: str | torch.device = "cpu", dtype: str | None = None, kernel: str = "auto"
+) -> GPT:
     """Any checkpoint this package writes: consolidated fp (fp32 parameters, or `dtype`
-    "bf16") or int8 (activations fp32)."""
+    "bf16") or int8 (activations fp32; `kernel` as in `load_quantized`)."""
     if is_quantized_checkpoint(ckpt_dir):
         if dtype not in (None, "fp32"):
             raise CheckpointError(f"{ckpt_dir}: an int8 checkpoint runs with fp32 activations, not {dtype}")
-        return load_quantized(ckpt_dir, device)
+        return load_quantized(ckpt_dir, device, kernel)
     model = load_consolidated(ckpt_dir, map_location=device).eval()
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
@@ -429,7 +618,7 @@ def val_loader(cfg, log: Callable[..., None] = lambda *a, **k: None):
 
 
 @torch.no_grad()
-def eval_loss(model: GPT, loader, max_batches: Optional[int], device: torch.device) -> dict[str, float]:
+def eval_loss(model: GPT, loader, max_batches: int | None, device: torch.device) -> dict[str, float]:
     """Mean token loss (and perplexity) over the supervised tokens of the first `max_batches`
     batches (all if None): what train.py's `evaluate` computes, single process."""
     model.eval()
@@ -481,7 +670,7 @@ def _peak_rss_reset() -> bool:
         return False
 
 
-def _vm_hwm_bytes() -> Optional[int]:
+def _vm_hwm_bytes() -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -498,12 +687,14 @@ def measure_checkpoint(ckpt_dir: str, device: str, opts: dict) -> dict:
     from .generate import measure_inference
 
     dev = torch.device(device)
+    if opts.get("threads"):
+        torch.set_num_threads(int(opts["threads"]))
     int8 = is_quantized_checkpoint(ckpt_dir)
     if int8:
         torchao_api()  # torchao's import is part of the baseline, like torch's
     rss_start = M.host_rss_bytes()
     t0 = time.perf_counter()
-    model = load_model(ckpt_dir, dev, opts.get("dtype"))
+    model = load_model(ckpt_dir, dev, opts.get("dtype"), opts.get("int8_kernel", "auto"))
     load_s = time.perf_counter() - t0
     rss_loaded = M.host_rss_bytes()
     scoped = _peak_rss_reset()
@@ -513,8 +704,10 @@ def measure_checkpoint(ckpt_dir: str, device: str, opts: dict) -> dict:
         model, dev, opts["prompt_tokens"], opts["new_tokens"], tuple(opts["batch_sizes"]), opts["repeats"]
     )
     peak = (_vm_hwm_bytes() if scoped else None) or M.peak_host_rss_bytes()
+    kernels = sorted(set(layer_kernels(model).values()))
     out = {
         "int8": int8,
+        "int8_kernels": kernels,
         "load_s": load_s,
         **timing,
         "rss_before_load_bytes": rss_start,
@@ -535,7 +728,7 @@ def measure_in_subprocess(ckpt_dir: Path, device: torch.device, opts: dict) -> d
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "distrib_gpt.quantize", "measure", str(ckpt_dir), str(device), json.dumps(opts)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     lines = r.stdout.strip().splitlines()
     if r.returncode != 0 or not lines:
         tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
@@ -580,6 +773,7 @@ def run_quantize(
     if qc.method == "int8_static":
         calib = calibration_batches(prepared.dir, qc.calib_examples, cfg.data.seq_len, device)
     layers = quantize_model(model, qc.method, qc.lm_head, qc.skip, calib)
+    kernels = layer_kernels(model)
     q8 = eval_loss(model, loader, val_batches, device)
     save_quantized(model, layers, out_dir, qc.method)
 
@@ -606,6 +800,7 @@ def run_quantize(
         "quantized_layers": len(layers),
         "linear_layers": len(all_linears),
         "layers": layers,
+        "kernels": {n: kernels[n] for n in layers},
         "kept_floating_point": [n for n in all_linears if n not in layers]
         + ["transformer.wpe", "LayerNorms", "biases"]
         + ([] if "lm_head" in layers else ["transformer.wte (tied to lm_head)"]),
@@ -630,10 +825,10 @@ def run_quantize(
         f"({q_bytes / fp_bytes:.1%})"
     )
     if qc.measure:
-        opts = dict(
-            prompt_tokens=qc.measure_prompt_tokens, new_tokens=qc.measure_new_tokens,
-            batch_sizes=qc.measure_batch_sizes, repeats=qc.measure_repeats,
-        )
+        opts = {
+            "prompt_tokens": qc.measure_prompt_tokens, "new_tokens": qc.measure_new_tokens,
+            "batch_sizes": qc.measure_batch_sizes, "repeats": qc.measure_repeats,
+        }
         log(f"quantize: timing fp32 and int8 on {device.type} (one fresh process each)")
         inf = {"fp32": measure_in_subprocess(ckpt_dir, device, opts), "int8": measure_in_subprocess(out_dir, device, opts)}
         a, b = inf["fp32"], inf["int8"]
@@ -673,7 +868,7 @@ def quantize_after_training(cfg, run_dir: Path, log: Callable[..., None] = print
 # ------------------------------------------------------------ command-line entry points
 
 
-def command_config(ckpt_dir: str | Path, config_path: Optional[str], overrides: list[str], need_data: bool = True):
+def command_config(ckpt_dir: str | Path, config_path: str | None, overrides: list[str], need_data: bool = True):
     """The config of a `quantize` / `eval` / `generate` command: `--config` if given, else the
     run's resolved config.yaml next to the checkpoint (run_dir/checkpoint -> run_dir/config.yaml),
     else (generate only) the defaults; dotted overrides apply on top."""
@@ -692,8 +887,8 @@ def command_config(ckpt_dir: str | Path, config_path: Optional[str], overrides: 
 
 
 def quantize_command(
-    checkpoint: str, out: str, config: Optional[str], overrides: list[str], method: Optional[str] = None,
-    device: Optional[str] = None, summary: Optional[str] = None, overwrite: bool = False, measure: Optional[bool] = None,
+    checkpoint: str, out: str, config: str | None, overrides: list[str], method: str | None = None,
+    device: str | None = None, summary: str | None = None, overwrite: bool = False, measure: bool | None = None,
 ) -> dict:
     """`distrib-gpt quantize`: the flags are shortcuts for quantize.* overrides."""
     extra = [f"quantize.method={method}"] * bool(method) + [f"quantize.device={device}"] * bool(device)
@@ -704,7 +899,7 @@ def quantize_command(
     return run_quantize(cfg, Path(checkpoint), Path(out), summary_path, overwrite=overwrite)
 
 
-def eval_command(checkpoint: str, config: Optional[str], overrides: list[str], device: str = "cpu", as_json: bool = False) -> dict:
+def eval_command(checkpoint: str, config: str | None, overrides: list[str], device: str = "cpu", as_json: bool = False) -> dict:
     """`distrib-gpt eval`: mean token loss and perplexity of any checkpoint on the validation split."""
     cfg = command_config(checkpoint, config, overrides)
     dev = resolve_device(device)

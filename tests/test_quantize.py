@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from distrib_gpt import cli
 from distrib_gpt import quantize as Q
@@ -71,6 +71,9 @@ def test_after_training_writes_int8_checkpoint_and_summary(run):
         assert m["prefill_ms_batch1"] > 0 and m["peak_rss_bytes"] > 0
         assert set(m["decode_tokens_per_s"]) == {"1", "8"} and all(x > 0 for x in m["decode_tokens_per_s"].values())
     assert "decode_tokens_per_s_batch1" in s["inference"]["int8_vs_fp32"]
+    kernel = "fbgemm" if Q.fbgemm_available() else "torchao"
+    assert s["kernels"] == dict.fromkeys(s["layers"], kernel)
+    assert s["inference"]["int8"]["int8_kernels"] == [kernel] and s["inference"]["fp32"]["int8_kernels"] == []
 
 
 @pytest.mark.parametrize("method", ["int8_dynamic", "int8_weight_only", "int8_static"])
@@ -135,6 +138,86 @@ def test_saved_int8_loads_back_exactly_without_pickle(run):
     assert cached.tokens == plain.tokens
 
 
+needs_fbgemm = pytest.mark.skipif(not Q.fbgemm_available(), reason="fbgemm int8 kernels need an x86 CPU with AVX2")
+
+
+def fbgemm_reference(x: torch.Tensor, weight) -> torch.Tensor:
+    """What Int8DynamicLinearCPU computes, written out: each row scaled to max |x| = 1, then
+    rounded to a multiple of 2/127 (fbgemm's scale for the range [-1, 1] with reduce_range:
+    integers -64..64, stored as uint8 around zero point 64), an exact integer matmul with the
+    int8 weight, then the weight's and the row's scales."""
+    amax = x.abs().amax(-1, keepdim=True)
+    s = 2.0 / 127.0
+    xq = torch.round(x / amax / s)
+    assert xq.abs().max() <= 64
+    acc = xq.double() @ weight.qdata.double().t()
+    return (acc * s * weight.scale.double().reshape(1, -1) * amax.double()).float()
+
+
+@needs_fbgemm
+def test_cpu_kernel_computes_per_token_int8_and_keeps_the_same_weights(run, tmp_path):
+    """On a CPU, int8_dynamic layers run on fbgemm (Int8DynamicLinearCPU): same int8 data as
+    torchao's, per-token 7-bit activations, rows independent of each other, round trip exact."""
+    ref = fp_model(run)
+    ao_model = fp_model(run)
+    layers = Q.quantize_model(ao_model, "int8_dynamic", kernel="torchao")
+    fb_model = fp_model(run)
+    assert Q.quantize_model(fb_model, "int8_dynamic") == layers  # kernel="auto"
+    assert set(Q.layer_kernels(ao_model).values()) == {"torchao"}
+    assert Q.layer_kernels(fb_model) == dict.fromkeys(layers, "fbgemm")
+    assert sorted(Q.quantized_layers(fb_model)) == sorted(layers)
+    assert fb_model.transformer.wte.weight is fb_model.lm_head.weight  # the tie survives
+    # the same int8 weights and scales (state_dict unpacks fbgemm's copy)
+    sd_ao, sd_fb = ao_model.state_dict(), fb_model.state_dict()
+    assert sd_ao.keys() == sd_fb.keys()
+    for k, t in sd_ao.items():
+        if Q.is_int8(t):
+            assert torch.equal(t.qdata, sd_fb[k].qdata) and torch.equal(t.scale, sd_fb[k].scale), k
+    # the numerics: per-token 7-bit activations, as written out in fbgemm_reference
+    layer = fb_model.transformer.h[0].mlp.c_fc
+    x = torch.randn(5, layer.in_features) * torch.tensor([[0.01], [1.0], [30.0], [1.0], [1.0]])
+    bias = layer.bias.detach()
+    with torch.no_grad():
+        y = layer(x)
+        torch.testing.assert_close(y, fbgemm_reference(x, layer.int8_weight()) + bias, rtol=1e-4, atol=1e-5)
+        # each row's result depends on that row alone: batch, order and neighbours do not matter
+        assert torch.equal(layer(x[1:2]), y[1:2])
+        x2 = x.clone()
+        x2[0] *= 1000.0
+        assert torch.equal(layer(x2)[1:], y[1:])
+    # quality: close to the fp32 model and to torchao's kernel on the same weights
+    idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        l_ref, l_ao, l_fb = ref(idx), ao_model(idx), fb_model(idx)
+    assert (l_fb - l_ref).abs().max() < 4 * (l_ao - l_ref).abs().max() + 1e-3
+    # saved once, loaded with either kernel
+    ckpt = Q.save_quantized(fb_model, layers, tmp_path / "fb", "int8_dynamic")
+    back = Q.load_quantized(ckpt)
+    back_ao = Q.load_quantized(ckpt, kernel="torchao")
+    assert set(Q.layer_kernels(back).values()) == {"fbgemm"} and set(Q.layer_kernels(back_ao).values()) == {"torchao"}
+    with torch.no_grad():
+        assert torch.equal(back(idx), l_fb)
+        assert torch.equal(back_ao(idx), l_ao)
+    with pytest.raises(Q.QuantizationError, match="int8 kernel 'tpu'"):
+        Q.load_quantized(ckpt, kernel="tpu")
+
+
+@needs_fbgemm
+def test_cpu_kernel_applies_to_dynamic_layers_only(run):
+    """int8_weight_only keeps torchao's kernel (fbgemm has no weight-only int8 linear); under
+    int8_static only the LM head (dynamic activations) moves to fbgemm."""
+    cfg, _ = run
+    model = fp_model(run)
+    Q.quantize_model(model, "int8_weight_only")
+    assert set(Q.layer_kernels(model).values()) == {"torchao"}
+    prepared, _ = Q.val_loader(cfg)
+    calib = Q.calibration_batches(prepared.dir, 4, cfg.data.seq_len, torch.device("cpu"))
+    model = fp_model(run)
+    layers = Q.quantize_model(model, "int8_static", calib_batches=calib)
+    kernels = Q.layer_kernels(model)
+    assert {n for n, k in kernels.items() if k == "fbgemm"} == {n for n, m in layers.items() if m == "int8_dynamic"} == {"lm_head"}
+
+
 def _cli(capsys, *args):
     code = cli.main(list(args))
     err = capsys.readouterr().err.strip().splitlines()
@@ -145,10 +228,10 @@ def test_gate_failure_fails_the_command_in_one_line(run, monkeypatch, capsys, tm
     _, run_dir = run
     real = Q.quantize_model
 
-    def damaged(model, *a, **k):  # quantize, then spoil the LM head's scales (logits / 4)
-        layers = real(model, *a, **k)
-        model.lm_head.weight.scale.mul_(0.25)
-        return layers
+    def damaged(model, *a, **k):  # spoil the tied LM head / embedding (x 0.25), then quantize
+        with torch.no_grad():
+            model.lm_head.weight.mul_(0.25)
+        return real(model, *a, **k)
 
     monkeypatch.setattr(Q, "quantize_model", damaged)
     out = tmp_path / "int8"
@@ -187,7 +270,7 @@ def test_quantize_and_eval_bad_inputs(run, capsys, tmp_path):
     (bad / "config.json").write_text(json.dumps(meta))
     r = subprocess.run(
         [sys.executable, "-m", "distrib_gpt", "eval", "--checkpoint", str(bad), "--config", str(run_dir / "config.yaml")],
-        capture_output=True, text=True, cwd=tmp_path,
+        check=False, capture_output=True, text=True, cwd=tmp_path,
     )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
