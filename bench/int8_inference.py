@@ -40,6 +40,7 @@ decode tokens/s = B * (N - 1) / (time of generate(N new) - time of generate(1 ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -89,6 +90,52 @@ KERNEL_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50304)
 
 def log(*a) -> None:
     print(*a, flush=True)
+
+
+# ---------------------------------------------------------------- a shared machine
+
+
+def _busy_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs so far (/proc/stat); (0, 0) where unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@contextlib.contextmanager
+def other_load():
+    """Yields a dict whose "share" is, after the block, the share of the machine's CPU time
+    that other processes used while the block ran (0..1)."""
+    out = {"share": 0.0}
+    busy0, total0 = _busy_jiffies()
+    own0 = _own_cpu_s()
+    yield out
+    busy1, total1 = _busy_jiffies()
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total_s = (total1 - total0) / hz
+    others_s = (busy1 - busy0) / hz - (_own_cpu_s() - own0)
+    out["share"] = max(0.0, others_s / total_s) if total_s > 0 else 0.0
+
+
+def wait_quiet(max_s: float, window_s: float = 3.0, busy_max: float = 0.1) -> float:
+    """Wait up to `max_s` seconds for a `window_s` stretch in which the CPUs are less than
+    `busy_max` busy (other work on a shared machine distorts timings); returns the wait."""
+    t0 = time.time()
+    while time.time() - t0 < max_s:
+        b0, n0 = _busy_jiffies()
+        time.sleep(window_s)
+        b1, n1 = _busy_jiffies()
+        if n1 == n0 or (b1 - b0) / (n1 - n0) < busy_max:
+            break
+    return time.time() - t0
 
 
 # ----------------------------------------------------------------------------- models
@@ -207,7 +254,7 @@ def _timed(fn, calls: list[tuple]) -> float:
 
 
 @torch.no_grad()
-def kernel_bench(rounds: int, batch: int = 1) -> dict:
+def kernel_bench(rounds: int, batch: int = 1, quiet_wait: float = 0.0) -> dict:
     """µs per call of each kernel on each KERNEL_SHAPES layer (see the module docstring)."""
     ao = torchao_api()
     torch.manual_seed(0)
@@ -241,18 +288,25 @@ def kernel_bench(rounds: int, batch: int = 1) -> dict:
         times: dict[str, list[float]] = {k: [] for k in kernels}
         for fn, calls in kernels.values():
             fn(*calls[0])  # warm-up
-        for _ in range(rounds):
-            for name, (fn, calls) in kernels.items():
-                times[name].append(_timed(fn, calls))
+        if quiet_wait:
+            wait_quiet(quiet_wait)
+        with other_load() as load:
+            for _ in range(rounds):
+                for name, (fn, calls) in kernels.items():
+                    times[name].append(_timed(fn, calls))
         shape = f"{k_in}x{n_out}"
         out[shape] = {k: statistics.median(v) for k, v in times.items()}
-        log(f"  {shape:<10} (x{copies}) " + " | ".join(f"{k} {v:,.0f}" for k, v in out[shape].items()))
+        out[shape]["other_cpu_share"] = load["share"]
+        log(
+            f"  {shape:<10} (x{copies}) " + " | ".join(f"{k} {v:,.0f}" for k, v in out[shape].items() if k in kernels)
+            + f" | other processes {load['share']:.0%} of the CPUs"
+        )
     return out
 
 
 def kernel_table(res: dict) -> str:
     shapes = list(res)
-    names = list(res[shapes[0]])
+    names = [n for n in res[shapes[0]] if n != "other_cpu_share"]
     lines = ["µs per call at batch 1 (median), weights from DRAM; in brackets: fp32 / this (speed-up)",
              f"{'kernel':<30}" + "".join(f"{s:>20}" for s in shapes)]
     for n in names:
@@ -306,12 +360,18 @@ def measure_variants(variants: dict[str, dict], args, rounds: int) -> None:
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for r in range(rounds):
         for name, v in variants.items():
-            m = measure_in_subprocess(v["dir"], torch.device("cpu"), dict(opts, dtype=v["dtype"], int8_kernel=v.get("kernel", "auto")))
+            if args.quiet_wait:
+                wait_quiet(args.quiet_wait)
+            with other_load() as load:
+                m = measure_in_subprocess(
+                    v["dir"], torch.device("cpu"), dict(opts, dtype=v["dtype"], int8_kernel=v.get("kernel", "auto"))
+                )
+            m["other_cpu_share"] = load["share"]
             runs[name].append(m)
             log(
                 f"  round {r + 1} {name:<21} prefill {m['prefill_ms_batch1']:8.1f} ms | decode tok/s "
                 + " ".join(f"b{b}: {t:7.1f}" for b, t in m["decode_tokens_per_s"].items())
-                + f" | peak RSS {m['peak_rss_bytes'] / 2**20:7.1f} MiB"
+                + f" | peak RSS {m['peak_rss_bytes'] / 2**20:7.1f} MiB | other processes {load['share']:.0%}"
             )
     for name, v in variants.items():
         ms = runs[name]
@@ -358,6 +418,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the variants; medians reported")
     p.add_argument("--kernel-rounds", type=int, default=5, help="interleaved rounds of the kernel timings")
     p.add_argument("--threads", type=int, default=None, help="torch threads for every timing (default: torch's, one per core)")
+    p.add_argument(
+        "--quiet-wait", type=float, default=0.0,
+        help="before each timing, wait up to this many seconds for the CPUs to be idle (shared machines)",
+    )
     p.add_argument("--kernels-only", action="store_true", help="time the kernels only (no models)")
     p.add_argument(
         "--variants", nargs="+", default=list(INT8_VARIANTS), choices=list(INT8_VARIANTS),
@@ -381,7 +445,7 @@ def main() -> None:
     }
     log(f"CPU: {result['machine']['cpu']['model_name']} | flags {' '.join(result['machine']['cpu']['flags'])}")
     log("kernels (one Linear layer, batch 1) ...")
-    result["kernels_batch1_us"] = kernel_bench(args.kernel_rounds)
+    result["kernels_batch1_us"] = kernel_bench(args.kernel_rounds, quiet_wait=args.quiet_wait)
     if args.kernels_only:
         print()
         print(kernel_table(result["kernels_batch1_us"]))
