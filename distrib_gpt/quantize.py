@@ -9,9 +9,10 @@ Methods (`quantize.method`; torchao's `quantize_` with the config named):
 - `int8_dynamic` (default), `Int8DynamicActivationInt8WeightConfig`: weights int8, symmetric,
   one scale per output channel; activations quantized per token at run time; the matmul is
   integer with int32 accumulation. On a CPU the matmul is fbgemm's, not torchao's
-  (`Int8DynamicLinearCPU`, activations 7-bit per token; torchao's CPU kernel is 5-50x slower
-  than fp32 on AVX2 CPUs, see the note above that class); elsewhere torchao's. `kernel=` of
-  `quantize_model` / `load_quantized` / `load_model` chooses ("auto", "fbgemm", "torchao").
+  (`Int8DynamicLinearCPU`, activations 7-bit per token): torchao's CPU kernel is slower than
+  fp32 on AVX2 CPUs, fbgemm's 1.4-4.3x faster (see the note above that class). Elsewhere it is
+  torchao's. `kernel=` of `quantize_model` / `load_quantized` / `load_model` chooses ("auto",
+  "fbgemm", "torchao").
 - `int8_weight_only`, `Int8WeightOnlyConfig`: the same int8 weights; activations stay in
   floating point and the weights are dequantized inside the matmul.
 - `int8_static`, `Int8StaticActivationInt8WeightConfig`: the same int8 weights; each layer's
@@ -163,22 +164,23 @@ def make_int8_tensor(qdata: torch.Tensor, scale: torch.Tensor, method: str, act_
 
 # Why int8_dynamic does not run through torchao's kernel on a CPU. torchao 0.18 sends an
 # Int8Tensor's dynamic linear to `torch._int_mm` (s8 x s8 -> s32), whose CPU implementation is
-# fast only with AVX-512 VNNI or AMX; on an AVX2 CPU it is far slower than the fp32 GEMV it
-# replaces. PyTorch's fbgemm kernel for dynamic int8 linear (`quantized::linear_dynamic`: the
-# kernel behind the PyTorch tutorial's dynamic quantization of BERT) has AVX2 and AVX-512
-# paths and reads the packed int8 weight once per call. Measured on the development machine
-# (2-core AMD EPYC, AVX2, no VNNI), one layer at batch 1, weights not cache-resident, µs:
+# fast only with AVX-512 VNNI or AMX; on an AVX2 CPU it is slower than the fp32 matmul it
+# replaces. PyTorch's fbgemm kernel for dynamic int8 linear (`quantized::linear_dynamic`, an
+# ATen-registered op: the kernel behind PyTorch's dynamic-quantization tutorials, e.g. BERT) has
+# AVX2 and AVX-512 paths and reads the packed int8 weight once per call. Measured with
+# `python bench/int8_inference.py --kernels-only` on the development machine (2-core AMD EPYC,
+# AVX2, no AVX-512/VNNI; 2 threads), one GPT-2 124M layer at batch 1, weights from DRAM, µs:
 #
-#     layer (in x out)    fp32 F.linear   torchao int8_dynamic   fbgemm (this module)
-#     768 x 3072               1,116           ~16,000                  241
-#     3072 x 768                 842              n/m                   211
-#     768 x 50,304 (head)     15,631              n/m                 3,011
+#     layer (in x out)       fp32   bf16   torchao dyn   torchao w-only   _weight_int8pack_mm   fbgemm
+#     768 x 2304              794    336       1,933            991               1,697            360
+#     768 x 3072              975    354       1,933          1,524               1,952            310
+#     3072 x 768              697    345       2,233            693               2,001            343
+#     768 x 50,304 (head)  13,811  5,781      22,495         91,155              32,905          3,212
 #
-# (docs/benchmarks.md has the full table and the command; torchao's weight-only path and
-# `torch._weight_int8pack_mm`, the ATen int8 weight-only kernel, are both slower than fp32 on
-# this CPU: the latter has a vectorized path for AVX-512 only.) torchao stays the quantizer
-# (scales, rounding, Int8Tensor, the saved format) and the kernel everywhere else (CUDA,
-# CPUs without fbgemm); only the CPU matmul of `int8_dynamic` layers is fbgemm's.
+# (`torch._weight_int8pack_mm`, ATen's int8 weight-only kernel, vectorizes for AVX-512 only;
+# torchao's weight-only path dequantizes the whole weight on every call.) torchao stays the
+# quantizer (scales, rounding, Int8Tensor, the saved format) and the kernel everywhere else
+# (CUDA, CPUs without fbgemm); only the CPU matmul of `int8_dynamic` layers is fbgemm's.
 
 _FBGEMM_OK: bool | None = None
 
@@ -221,17 +223,21 @@ class Int8DynamicLinearCPU(nn.Module):
     """An `int8_dynamic` Linear layer on the CPU, computed by fbgemm (see the note above).
 
     Weight: the torchao Int8Tensor's int8 data and per-output-channel scales, packed once for
-    fbgemm (the packed copy is the only one kept, except for the tied LM head, whose Int8Tensor
-    the token embedding also reads: `keep_weight`). `state_dict()` gives the Int8Tensor back
-    (unpacked, bit-exact), so saving is unchanged.
+    fbgemm with two zero input columns appended (below); the packed copy is the only one kept,
+    except for the tied LM head, whose Int8Tensor the token embedding also reads
+    (`keep_weight`). `state_dict()` gives the Int8Tensor back (unpacked, bit-exact), so saving
+    is unchanged.
 
-    Activations, per call: each row (token) is divided by its largest |value|, so every row
-    spans at most [-1, 1]; a constant row (+1, -1, 0, ...) is appended, so the range fbgemm
-    finds over the whole input is exactly [-1, 1] whatever the batch holds. fbgemm quantizes
-    with `reduce_range` (scale 2/127: each value becomes an integer in -64..64, about 7 bits;
-    with full 8-bit activations the u8 x s8 multiply-adds of CPUs without VNNI saturate int16:
-    measured 7% error on random data), multiplies u8 x s8 -> s32 exactly, scales back per
-    output channel, and each row is multiplied by its own largest |value|. The net effect is
+    Activations, per call: each row (token) is divided by its largest |value|, and two
+    columns, +1 and -1, are appended to every row (they meet the two zero weight columns, so
+    they add nothing). Every row then spans exactly [-1, 1], and so does the whole input: the
+    range fbgemm finds is [-1, 1] whatever the batch holds. (Pinning the range with an extra
+    row instead would give the same numbers but makes a batch-1 call an M=2 one, which fbgemm
+    runs 20% slower at decode sizes: measured.) fbgemm quantizes with `reduce_range` (scale
+    2/127: each value becomes an integer in -64..64, about 7 bits; with full 8-bit activations
+    the u8 x s8 multiply-adds of CPUs without VNNI saturate int16: measured 7% error on random
+    data), multiplies u8 x s8 -> s32 exactly, scales back per output channel, and each row is
+    multiplied by its own largest |value|. The net effect is
     per-token dynamic quantization, like torchao's int8_dynamic but with 7-bit instead of 8-bit
     activations; and a row's result depends on that row only, so a token computes the same
     with or without the KV cache and in any batch (tests/test_quantize.py writes the
@@ -245,17 +251,17 @@ class Int8DynamicLinearCPU(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight = weight if keep_weight else None  # an nn.Parameter stays registered
         self.bias = bias
-        self._packed = _fbgemm_prepack(weight.qdata, weight.scale)
-        edge = torch.zeros(1, self.in_features)
-        edge[0, 0], edge[0, 1] = 1.0, -1.0
-        self.register_buffer("_edge", edge, persistent=False)
+        zero_columns = torch.zeros(self.out_features, 2, dtype=torch.int8)
+        self._packed = _fbgemm_prepack(torch.cat([weight.qdata, zero_columns], dim=1), weight.scale)
+        self.register_buffer("_pin", torch.tensor([[1.0, -1.0]]), persistent=False)
 
     def int8_weight(self):
         """The layer's weight as torchao's Int8Tensor (unpacked from fbgemm when not kept)."""
         if self.weight is not None:
             return self.weight
         qw, _ = torch.ops.quantized.linear_unpack(self._packed)
-        return make_int8_tensor(qw.int_repr(), qw.q_per_channel_scales().float().reshape(-1, 1), "int8_dynamic")
+        qdata = qw.int_repr()[:, : self.in_features].contiguous()
+        return make_int8_tensor(qdata, qw.q_per_channel_scales().float().reshape(-1, 1), "int8_dynamic")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -266,7 +272,8 @@ class Int8DynamicLinearCPU(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         amax = x2.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
-        y = torch.ops.quantized.linear_dynamic(torch.cat([x2 / amax, self._edge]), self._packed, True)[:-1]
+        xn = torch.cat([x2 / amax, self._pin.expand(x2.shape[0], 2)], dim=1)
+        y = torch.ops.quantized.linear_dynamic(xn, self._packed, True)
         y = y * amax if self.bias is None else torch.addcmul(self.bias, y, amax)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
