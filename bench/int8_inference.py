@@ -207,7 +207,9 @@ def ours_vs_hf(model: GPT, args, rounds: int) -> dict:
         out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k, do_sample=False, pad_token_id=EOT_ID)
         return out[:, x.shape[1]:].tolist()
 
-    with torch.no_grad():
+    if args.quiet_wait:
+        wait_quiet(args.quiet_wait)
+    with torch.no_grad(), other_load() as load:
         same = run_ours(prompts[:1], 8) == run_hf(prompts[:1], 8)  # greedy tokens agree (and warm-up)
         times = {(who, b, k): [] for who in ("ours", "hf") for b in args.batch_sizes for k in (1, n)}
         for _ in range(rounds):
@@ -217,13 +219,14 @@ def ours_vs_hf(model: GPT, args, rounds: int) -> dict:
                         t0 = time.perf_counter()
                         fn(prompts[:b], k)
                         times[(who, b, k)].append(time.perf_counter() - t0)
-    out = {"greedy_tokens_match": same, "prompt_tokens": p, "new_tokens": n}
+    out = {"greedy_tokens_match": same, "prompt_tokens": p, "new_tokens": n, "other_cpu_share": load["share"]}
     for b in args.batch_sizes:
         for who in ("ours", "hf"):
             dt = statistics.median(times[(who, b, n)]) - statistics.median(times[(who, b, 1)])
             out[f"{who}_decode_tokens_per_s_batch{b}"] = b * (n - 1) / dt
         out[f"ours_vs_hf_batch{b}"] = out[f"ours_decode_tokens_per_s_batch{b}"] / out[f"hf_decode_tokens_per_s_batch{b}"]
     return out
+
 
 # ----------------------------------------------------------------------------- kernels
 
