@@ -25,11 +25,14 @@ steps; those few repeated batches are seen twice in that epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -91,6 +94,36 @@ class TokenizedSplit:
         """Tokens with mask 1: the targets one epoch trains on (in either batching mode)."""
         return int(sum(int(np.count_nonzero(m)) for m in self._masks))
 
+    @functools.cached_property
+    def _mask_prefix(self) -> list[np.ndarray]:
+        """Per shard, the running count of mask-1 tokens with a leading 0 (len + 1 entries):
+        the supervised tokens of any span of a shard in O(1), without reading the span.
+        Built once per split (one pass over the masks; 4 bytes a token)."""
+        out = []
+        for m in self._masks:
+            prefix = np.zeros(len(m) + 1, dtype=np.int32 if len(m) < 2**31 else np.int64)
+            np.cumsum(m, dtype=prefix.dtype, out=prefix[1:])
+            out.append(prefix)
+        return out
+
+    def supervised_before(self, ex: np.ndarray, within: np.ndarray) -> np.ndarray:
+        """Mask-1 tokens of examples `ex` before position `within` (same shape; `within` may
+        equal the example's length), as int64."""
+        flat = self._starts[ex] + within
+        out = np.empty(np.shape(ex), dtype=np.int64)
+        shard = self._shard_of[ex]
+        for s in np.unique(shard):
+            sel = shard == s
+            prefix = self._mask_prefix[s]
+            out[sel] = prefix[flat[sel]] - prefix[self._starts[ex[sel]]]
+        return out
+
+    @functools.cached_property
+    def example_supervised(self) -> np.ndarray:
+        """Mask-1 tokens of each example (int64), in stored order."""
+        ex = np.arange(self.n_examples, dtype=np.int64)
+        return self.supervised_before(ex, self.lengths)
+
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens uint16, mask uint8) of example i: read-only views into the memory-mapped
         shards (cast tokens to int64 before mixing them with -100)."""
@@ -125,19 +158,28 @@ class Batch:
     """Positions with a label (labels != -100): what the loss averages over."""
     n_pad: int
     """Padding input positions; padding fraction = n_pad / (n_pad + n_real_tokens)."""
+    n_attention_pairs: int = 0
+    """Query-key pairs among real positions: the sum over rows of (real length)^2, what
+    metrics.training_flops charges attention for."""
+    target_index: torch.Tensor | None = None
+    """(n_supervised,) int64 indices into labels.reshape(-1) of the supervised positions, for
+    `GPT.forward(..., target_index=)`: finding them on the device would be a nonzero(), whose
+    result size the host must wait for. None in batches built by hand."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return Batch(
-            self.input_ids.to(device, non_blocking=non_blocking),
-            self.labels.to(device, non_blocking=non_blocking),
-            self.n_real_tokens,
-            self.n_supervised,
-            self.n_pad,
-        )
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.to(device, non_blocking=non_blocking) if t is not None else None
+
+        return dataclasses.replace(self, input_ids=move(self.input_ids), labels=move(self.labels),
+                                   target_index=move(self.target_index))
 
     def pin_memory(self) -> "Batch":
         """Page-locked copies, so that `.to("cuda", non_blocking=True)` is truly asynchronous."""
-        return Batch(self.input_ids.pin_memory(), self.labels.pin_memory(), self.n_real_tokens, self.n_supervised, self.n_pad)
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.pin_memory() if t is not None else None
+
+        return dataclasses.replace(self, input_ids=pin(self.input_ids), labels=pin(self.labels),
+                                   target_index=pin(self.target_index))
 
 
 class BatchLoader:
@@ -224,6 +266,48 @@ class BatchLoader:
         np.cumsum(self.split.lengths[order], out=cum[1:])
         return order, cum
 
+    def global_batch_supervised(self) -> np.ndarray:
+        """Supervised tokens (labels != -100) of each global batch of the epoch (int64, one per
+        batch, before padding), computed from the plan without building any batch."""
+        if self.global_batches() == 0:
+            return np.zeros(0, dtype=np.int64)
+        if self.batching == "pad":
+            plan = self._pad_plan()
+            ex = np.concatenate(plan)
+            # a row's targets are its tokens 1.., so token 0 never counts (its mask is 0 anyway)
+            first = self.split.supervised_before(ex, np.ones_like(ex))
+            per_row = self.split.example_supervised[ex] - first
+            starts = np.cumsum([0] + [len(b) for b in plan[:-1]])
+            return np.add.reduceat(per_row, starts)
+        # pack: global batch g holds blocks g*B .. (g+1)*B - 1, whose targets are the stream
+        # positions g*B*T + 1 .. (g+1)*B*T (those before the end): one contiguous span, so its
+        # count is a difference of the stream's supervised prefix at the two ends
+        order, cum = self._pack_plan()
+        total = int(cum[-1])
+        per_batch = self.batch_size * self.seq_len
+        ends = np.minimum(np.arange(self.global_batches() + 1, dtype=np.int64) * per_batch + 1, total)
+        k = np.minimum(np.searchsorted(cum, ends, side="right") - 1, len(order) - 1)  # example holding each end
+        ex_before = np.concatenate([[0], np.cumsum(self.split.example_supervised[order])])
+        prefix = ex_before[k] + self.split.supervised_before(order[k], ends - cum[k])
+        return np.diff(prefix)
+
+    def step_supervised_counts(self, grad_accum: int) -> np.ndarray:
+        """Supervised tokens of each optimizer step of the epoch, summed over every rank's
+        micro-batches (int64, one per step of `micro_batch_groups(self, grad_accum)`).
+
+        This is the N_global the step's loss is normalised by, known before the step runs
+        and without an all-reduce: the plan is the same on every rank, so every rank gets
+        the same array. Step s is micro-batches j in [s * grad_accum, (s + 1) * grad_accum)
+        of each rank; rank r's j-th is padded-list entry r + j * world_size, so the step is
+        one contiguous span of the padded list (repeats count: they are trained on)."""
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        per_batch = self.global_batch_supervised()
+        if len(per_batch) == 0:
+            return np.zeros(0, dtype=np.int64)
+        padded = per_batch[np.arange(len(self) * self.world_size) % len(per_batch)]
+        return np.add.reduceat(padded, np.arange(0, len(padded), grad_accum * self.world_size))
+
     def rank_batch_ids(self) -> list[int]:
         """Global batch indices this rank takes this epoch (padded by repeating from the start)."""
         g = self.global_batches()
@@ -270,16 +354,109 @@ class BatchLoader:
         return _make_batch(tokens, mask, valid)
 
 
+class Prefetcher:
+    """Batches of `batches`, built ahead by a background thread and handed to `device`.
+
+    The numpy work of building a batch (gather, masks) then overlaps the previous step
+    instead of sitting on the critical path, and on CUDA the host copies are pinned, so
+    `.to(device, non_blocking=True)` does not make the host wait. The copy itself is
+    issued from the iterating thread one batch ahead: the batch handed out has been on
+    its way to the device since the previous one was handed out. Order is unchanged.
+
+    At most `depth` built batches wait in the queue (plus the one being built and the one
+    being copied), which bounds the host memory. depth=0: no thread, each batch is built
+    when it is asked for (the same batches). Each iteration starts its own thread, which
+    starts `batches` (so set the loader's epoch first); an exception raised while building
+    is re-raised in the iterating thread with its original traceback, and stopping early
+    (break, close(), garbage collection of the iterator) stops the thread.
+    """
+
+    def __init__(self, batches: Iterable[Batch], device: torch.device | str, depth: int = 2):
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0, got {depth}")
+        self.batches = batches
+        self.device = torch.device(device)
+        self.depth = depth
+        self.pin = self.device.type == "cuda"
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.depth == 0:
+            for batch in self.batches:
+                yield batch.to(self.device, non_blocking=True)
+            return
+        # the queue itself is unbounded, so a put never blocks (an error always gets through);
+        # the slots bound it: the producer takes one per batch and the consumer gives it back
+        ready: queue.SimpleQueue = queue.SimpleQueue()
+        slots = threading.Semaphore(self.depth)
+        stop = threading.Event()
+        # pinning allocates through the CUDA context of the thread's current device: make it
+        # this rank's device, or every rank would create a context on device 0
+        cuda_index = None
+        if self.pin:
+            cuda_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        thread = threading.Thread(
+            target=self._produce, args=(ready, slots, stop, cuda_index), name="batch-prefetch", daemon=True
+        )
+        thread.start()
+        try:
+            ahead: Batch | None = None
+            while True:
+                item = ready.get()
+                slots.release()
+                moved = item.to(self.device, non_blocking=True) if isinstance(item, Batch) else None
+                if ahead is not None:
+                    yield ahead
+                if isinstance(item, _Failed):  # after the batches built before it, as without prefetching
+                    raise item.error  # it carries the producer's traceback
+                if moved is None:  # _END
+                    return
+                ahead = moved
+        finally:
+            # the producer checks `stop` after each slot it takes; this slot wakes it if it waits
+            # for one, so it ends after at most the batch it is building (no polling meanwhile)
+            stop.set()
+            slots.release()
+            thread.join()
+
+    def _produce(
+        self, ready: queue.SimpleQueue, slots: threading.Semaphore, stop: threading.Event, cuda_index: int | None
+    ) -> None:
+        try:
+            if cuda_index is not None:
+                torch.cuda.set_device(cuda_index)
+            for batch in self.batches:
+                batch = batch.pin_memory() if self.pin else batch
+                slots.acquire()  # wait until fewer than `depth` built batches wait
+                if stop.is_set():
+                    return
+                ready.put(batch)
+            ready.put(_END)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            ready.put(_Failed(e))
+
+
+_END = object()  # the producer's last item when the batches ran out
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
 def _make_batch(tokens: np.ndarray, mask: np.ndarray, valid: np.ndarray) -> Batch:
     """(B, T+1) tokens/mask/valid -> inputs x = [:, :-1] and labels from y = [:, 1:]."""
     tokens = np.where(valid, tokens, EOT_ID)
     supervised = valid[:, 1:] & (mask[:, 1:] == 1)
     labels = np.where(supervised, tokens[:, 1:], IGNORE_INDEX)
-    n_real = int(np.count_nonzero(valid[:, :-1]))
+    row_real = np.count_nonzero(valid[:, :-1], axis=1).astype(np.int64)  # real positions are a prefix of each row
+    n_real = int(row_real.sum())
+    target_index = np.flatnonzero(supervised).astype(np.int64)  # row-major: labels.reshape(-1)
     return Batch(
         input_ids=torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
         labels=torch.from_numpy(np.ascontiguousarray(labels)),
         n_real_tokens=n_real,
-        n_supervised=int(np.count_nonzero(supervised)),
+        n_supervised=len(target_index),
         n_pad=int(valid[:, :-1].size) - n_real,
+        target_index=torch.from_numpy(target_index),
+        n_attention_pairs=int((row_real**2).sum()),
     )
