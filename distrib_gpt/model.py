@@ -214,6 +214,7 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         reduction: str = "mean",
         return_logits: bool = True,
+        target_index: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]:
         """Logits (B, T, vocab_size) for token ids idx (B, T).
 
@@ -226,6 +227,10 @@ class GPT(nn.Module):
         the LM head only at positions that have a target. With prompt masking
         most positions have none, and the LM head (n_embd x 50304) is the largest
         matmul of a small GPT-2, so this skips a large share of the work.
+        target_index (int64, the flat positions where targets.reshape(-1) != -100,
+        as `Batch.target_index` holds them) saves finding them with nonzero(), which
+        makes the host wait for the device; it must match targets (not checked, since
+        checking would wait too). Only return_logits=False uses it.
         """
         B, T = idx.size()
         if T > self.config.block_size:
@@ -256,7 +261,7 @@ class GPT(nn.Module):
             flat_logits, flat_targets = logits.flatten(0, 1), targets.reshape(-1)
         else:
             logits = None
-            keep = (targets != -100).reshape(-1).nonzero().squeeze(1)
+            keep = target_index if target_index is not None else (targets != -100).reshape(-1).nonzero().squeeze(1)
             flat_targets = targets.reshape(-1).index_select(0, keep)
             flat_logits = self._logits(x.flatten(0, 1).index_select(0, keep))
         # .float(): the softmax runs in fp32 even when the logits came out of a
@@ -281,8 +286,10 @@ class GPT(nn.Module):
         return logits
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **overrides) -> GPT:
-        """Load Hugging Face GPT-2 weights from a hub id (e.g. "gpt2") or a local directory.
+    def config_from_pretrained(cls, name_or_path: str, **overrides) -> GPTConfig:
+        """The GPTConfig of a Hugging Face GPT-2 checkpoint (hub id or local directory),
+        validated, without loading its weights: what every FSDP rank needs to build the
+        empty model that rank 0 then fills (train.build_parallel_model).
 
         Only dropout (default 0.0) and pad_vocab_to may be overridden; the shape
         comes from the checkpoint.
@@ -300,16 +307,9 @@ class GPT(nn.Module):
                     + ("" if key in known else f"; GPTConfig fields: {sorted(known)}")
                 )
 
-        # Something that is unambiguously a filesystem path (absolute, ./, ../,
-        # ~) must exist locally; otherwise transformers would treat it as a hub
-        # id and fail with a confusing message, possibly after a network wait.
-        looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
-        source = os.path.expanduser(name_or_path) if looks_local else name_or_path
-        if looks_local and not os.path.isdir(source):
-            raise FileNotFoundError(f"GPT-2 checkpoint directory not found: {name_or_path}")
-
+        source = _checkpoint_source(name_or_path)
         # Imported here so that using the model never requires transformers.
-        from transformers import AutoConfig, GPT2LMHeadModel
+        from transformers import AutoConfig
 
         try:
             # AutoConfig (not GPT2Config) so that model_type reflects the checkpoint.
@@ -331,7 +331,7 @@ class GPT(nn.Module):
         if not hf_config.scale_attn_weights or hf_config.scale_attn_by_inverse_layer_idx:
             raise ValueError(f"{name_or_path!r} uses a non-standard attention scaling; not supported")
 
-        config = GPTConfig(
+        return GPTConfig(
             block_size=hf_config.n_positions,
             vocab_size=hf_config.vocab_size,
             n_layer=hf_config.n_layer,
@@ -341,10 +341,22 @@ class GPT(nn.Module):
             bias=True,
             **overrides,
         )
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **overrides) -> GPT:
+        """Load Hugging Face GPT-2 weights from a hub id (e.g. "gpt2") or a local directory.
+
+        Only dropout (default 0.0) and pad_vocab_to may be overridden; the shape
+        comes from the checkpoint (config_from_pretrained checks both).
+        """
+        config = cls.config_from_pretrained(name_or_path, **overrides)
         model = cls(config)
 
+        from transformers import GPT2LMHeadModel
+
         try:
-            hf_model = GPT2LMHeadModel.from_pretrained(source, config=hf_config)
+            # transformers reads the same config.json again (already validated above)
+            hf_model = GPT2LMHeadModel.from_pretrained(_checkpoint_source(name_or_path))
         except OSError as e:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FileNotFoundError(f"could not load GPT-2 weights from {name_or_path!r}: {first_line}") from e
@@ -383,3 +395,15 @@ class GPT(nn.Module):
         if missing:
             raise ValueError(f"checkpoint {name_or_path!r} is missing key {missing[0]!r} ({len(missing)} missing)")
         return model
+
+
+def _checkpoint_source(name_or_path: str) -> str:
+    """What transformers should load: a hub id as given, or an existing local directory."""
+    # Something that is unambiguously a filesystem path (absolute, ./, ../,
+    # ~) must exist locally; otherwise transformers would treat it as a hub
+    # id and fail with a confusing message, possibly after a network wait.
+    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
+    source = os.path.expanduser(name_or_path) if looks_local else name_or_path
+    if looks_local and not os.path.isdir(source):
+        raise FileNotFoundError(f"GPT-2 checkpoint directory not found: {name_or_path}")
+    return source

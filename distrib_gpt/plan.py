@@ -23,14 +23,18 @@ Model state per GPU (Rajbhandari et al. 2020, "ZeRO": 16 B/param under mixed pre
     fsdp_full, fsdp_grad_op, hsdp
                   params, grads and AdamW state sharded on dim 0 over S ranks: 16 B·N/S + 4T
                   (FSDP2 pads every tensor to ceil(dim0/S) rows; rank 0, reported, holds full
-                  chunks), plus [approx] unsharded copies in the compute dtype
-                  (MixedPrecisionPolicy param_dtype; fp32 under fp32/tf32):
-                  c·(root + k·block), root = V·h + P·h + 2h (never resharded after forward),
-                  block = 12h² + 13h, k = 2 (the block computing + the one prefetched) for
-                  fsdp_full/hsdp, k = L for fsdp_grad_op (kept from forward to backward).
-    autocast      single/ddp/zero1 under fp16/bf16: the half-precision copies of the matmul
-                  weights, 2·(12h²·L + V·h): autocast caches them for the forward and the Linear
-                  layers save them for backward (none under FSDP: its params are already c).
+                  chunks), plus [approx] unsharded copies, gathered as
+                  precision.fsdp_mixed_precision decides: the blocks' matmul weights in the
+                  compute dtype, the root and the blocks' LayerNorms in fp32, as DDP's
+                  autocast treats them: 4·root + k·(c·mm + 4·4h), root = V·h + P·h + 2h (never
+                  resharded after forward), mm = 12h² + 9h (a block's Linear weights and
+                  biases; block = mm + 4h of LayerNorms = 12h² + 13h), k = 2 (the block
+                  computing + the one prefetched) for fsdp_full/hsdp, k = L for fsdp_grad_op
+                  (kept from forward to backward).
+    autocast      under fp16/bf16, the half-precision copies of the matmul weights that
+                  autocast makes: autocast caches them for the forward and the Linear layers save
+                  them for backward. single/ddp/zero1: 2·(12h²·L + V·h); FSDP: the LM head's
+                  only, 2·V·h (the blocks' are gathered in c already, the root stays fp32).
 
 Activations per GPU (saved for backward)
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
@@ -44,29 +48,28 @@ Activations per GPU (saved for backward)
       +2·sbh per layer and +sbh after the embeddings (CUDA's fused attention keeps only RNG
       state for its own dropout);
     - LayerNorm inputs are fp32 under autocast: 4 bytes, not 2 (the residual stream is fp32
-      under single/ddp/zero1; under FSDP it is half precision, and CUDA autocast runs
-      layer_norm in fp32 and saves an fp32 copy of its input [not measured: CPU autocast
-      keeps LayerNorm in bf16]).
+      under every strategy: FSDP casts neither the blocks' inputs nor the LayerNorms).
     Per layer:   sbh·(8 + 14c) + 16·bs (LayerNorm mean, rstd) + 4·abs
                  (36·sbh under fp16/bf16, 64·sbh under fp32/tf32, plus the small terms)
     Outside:     token and position ids 8bs + 8s, final LayerNorm 4sbh + 8bs, LM-head input
                  c·n·h, row indices and targets 16n, the loss's fp32 log-probabilities 4·n·V,
                  4 bytes of loss bookkeeping.
-    Checkpointed (model.activation_checkpointing, per block): each block keeps only its input,
-                 r·sbh (r = 2 under FSDP with fp16/bf16 params, whose residual stream is half
-                 precision [not measured]; 4 otherwise), plus one block's activations rebuilt during backward
+    Checkpointed (model.activation_checkpointing, per block): each block keeps only its fp32
+                 input, 4·sbh, plus one block's activations rebuilt during backward
                  (the per-layer bytes, + its weight copies under autocast).
 
 Working set of the backward pass (measured on CPU, bench/plan_vs_measured.py): its peak is
-the largest of three moments; g = bytes of the embedding's gradient (4; c under FSDP):
+the largest of three moments (the tied embedding is fp32 under every strategy, so are its
+gradients):
     - backward start: saved activations + autocast copies + the loss transient, 8·n·V (the fp32
       gradients of the log-probabilities and of the logits next to the saved log-probabilities);
-    - after the LM head: saved activations + autocast copies + the recomputed block + g·V·h, the
+    - after the LM head: saved activations + autocast copies + the recomputed block + 4·V·h, the
       LM head's gradient of the tied embedding, which autograd holds until the embedding's own
       contribution arrives at the very end (+ under FSDP [approx] one block's unsharded gradient
-      and its fp32 reduce-scatter input, (g + 4)·block);
-    - the embedding's backward: 3·g·V·h (the held gradient, the embedding's dense gradient and
-      their sum), activations already freed (FSDP: or (g + 4)·root, the root's reduce-scatter).
+      and its fp32 reduce-scatter input, (c + 4)·mm + 8·4h);
+    - the embedding's backward: 3·4·V·h (the held gradient, the embedding's dense gradient and
+      their sum), activations already freed (FSDP: or 8·root, the root's gradient and its
+      reduce-scatter input).
 
 Total and fit: resident terms + the peak phase. It is an upper bound by up to the gradients
 when grad_accum = 1 (set_to_none: gradients appear as backward frees activations); from the
@@ -260,18 +263,18 @@ def activations(
     c = 2 if precision in HALF else 4
     n = math.ceil(supervised_fraction * b * s)
     layer = layer_activation_bytes(shape, b, s, c)
-    autocast_copies = precision in HALF and not fsdp
+    half = precision in HALF
+    block_copies = half and not fsdp  # under FSDP the blocks' matmul weights are gathered in c
     outside = 8 * b * s + 8 * s + 4 * b * s * h + 8 * b * s + c * n * h + 16 * n + 4 * n * V + 4
     if shape.dropout > 0:
         outside += b * s * h  # [approx] embedding dropout mask
     if checkpointing:
-        r = 2 if (fsdp and precision in HALF) else 4
-        blocks = shape.n_layer * r * b * s * h
-        recompute = layer + (2 * 12 * h * h if autocast_copies else 0)
-        cast_saved = 2 * V * h if autocast_copies else 0
+        blocks = shape.n_layer * 4 * b * s * h  # fp32 block inputs: the residual stream
+        recompute = layer + (2 * 12 * h * h if block_copies else 0)
+        cast_saved = 2 * V * h if half else 0  # the LM head's (the root is fp32 under FSDP too)
     else:
         blocks, recompute = shape.n_layer * layer, 0
-        cast_saved = 2 * shape.matmul_weights if autocast_copies else 0
+        cast_saved = (2 * shape.matmul_weights if block_copies else 2 * V * h) if half else 0
     return Activations(blocks, outside, recompute, 8 * n * V, cast_saved)
 
 
@@ -417,26 +420,29 @@ def memory(inp: PlanInput) -> Memory:
     n, t, h = shape.n_params, len(shape.tensors()), shape.n_embd
     half = inp.precision in HALF
     fsdp = inp.strategy in FSDP
-    g = (2 if half else 4) if fsdp else 4  # bytes of the tied embedding's gradient before the optimizer sees it
+    c = 2 if half else 4
     unsharded_params = buckets = block_grads = 0
     if fsdp:
         local = fsdp_shard_numel(shape, S)
         params, grads, optimizer = 4 * local, 4 * local, 8 * local + 4 * t
         k = shape.n_layer if inp.strategy == "fsdp_grad_op" else min(2, shape.n_layer)
-        unsharded_params = g * (shape.root_params + k * shape.block_params)
-        block_grads = (g + 4) * shape.block_params
-        embedding = max(3 * g * shape.vocab * h, (g + 4) * shape.root_params)
+        # the blocks' matmul weights gathered in c; the root and the blocks' LayerNorms in fp32
+        mm, norms = shape.block_params - 4 * h, 4 * h
+        unsharded_params = 4 * shape.root_params + k * (c * mm + 4 * norms)
+        block_grads = (c + 4) * mm + 8 * norms
+        embedding = max(3 * 4 * shape.vocab * h, 8 * shape.root_params)
     else:
         params, grads = 4 * n, 4 * n
         opt_n, opt_t = zero1_rank_load(shape, inp.gpus) if inp.strategy == "zero1" else (n, t)
         optimizer = 8 * opt_n + 4 * opt_t
         buckets = 4 * n if inp.strategy in ("ddp", "zero1") else 0
-        embedding = 3 * g * shape.vocab * h
+        embedding = 3 * 4 * shape.vocab * h
     act = activations(shape, inp.micro_batch, inp.seq, inp.precision, inp.activation_checkpointing,
                       inp.supervised_fraction, fsdp)
-    cast = 2 * shape.matmul_weights if half and not fsdp else 0
+    # autocast's copies: every matmul weight, or under FSDP the LM head's alone
+    cast = (2 * shape.vocab * h if fsdp else 2 * shape.matmul_weights) if half else 0
     return Memory(params, grads, optimizer, buckets, unsharded_params, act.blocks + act.outside, cast,
-                  act.loss_transient, act.recompute, g * shape.vocab * h, block_grads, embedding)
+                  act.loss_transient, act.recompute, 4 * shape.vocab * h, block_grads, embedding)
 
 
 def needed_bytes(inp: PlanInput, mem: Memory) -> float:
@@ -626,10 +632,8 @@ def _memory_rows(inp: PlanInput, mem: Memory) -> list[tuple[str, int, str]]:
     else:
         opt = f"8 B x N{shard} + 4 B x T (step)"
     k = inp.shape.n_layer if inp.strategy == "fsdp_grad_op" else min(2, inp.shape.n_layer)
-    g = c if fsdp else "4 B"
     if inp.activation_checkpointing:
-        r = "2" if fsdp and inp.precision in HALF else "4"
-        act = f"L x {r} B x sbh (block inputs) + outside the blocks (ids, ln_f, LM-head input, 4 B x n x V log-probs)"
+        act = "L x 4 B x sbh (block inputs) + outside the blocks (ids, ln_f, LM-head input, 4 B x n x V log-probs)"
     else:
         act = f"L x [sbh x (8 + 14 x {c[0]}) + 16bs + 4abs] + outside the blocks (ids, ln_f, LM head, 4 B x n x V)"
     resident = [
@@ -637,16 +641,19 @@ def _memory_rows(inp: PlanInput, mem: Memory) -> list[tuple[str, int, str]]:
         ("fp32 gradients", mem.grads, f"4 B x N{shard}"),
         ("AdamW state (exp_avg, exp_avg_sq, step)", mem.optimizer, opt),
         ("DDP gradient buckets", mem.ddp_buckets, "4 B x N (gradient_as_bucket_view=False)"),
-        ("unsharded parameters (FSDP)", mem.unsharded_params, f"{c} x (root + {k} block{'s' * (k > 1)}) [approx]"),
+        ("unsharded parameters (FSDP)", mem.unsharded_params,
+         f"4 B x root + {k} x ({c} x block matmuls + 4 B x LayerNorms) [approx]"),
     ]
     working = [
         ("  activations saved for backward", mem.activations, act),
-        ("  autocast weight copies", mem.cast_weights, "2 B x (12h^2 x L + V x h)"),
+        ("  autocast weight copies", mem.cast_weights,
+         "2 B x V x h (the LM head)" if fsdp else "2 B x (12h^2 x L + V x h)"),
         ("  loss transient (logit gradients)", mem.loss_transient, "8 B x n x V"),
         ("  recomputed block (checkpointing)", mem.recompute, "one block's activations"),
-        ("  LM-head gradient of the tied embedding", mem.head_grad, f"{g} x V x h, held until the embedding's"),
-        ("  one block's gradient + reduce input", mem.block_grads, f"({c} + 4 B) x block [approx]"),
-        ("  embedding backward", mem.embedding_backward, f"3 x {g} x V x h (held + dense + sum)"),
+        ("  LM-head gradient of the tied embedding", mem.head_grad, "4 B x V x h, held until the embedding's"),
+        ("  one block's gradient + reduce input", mem.block_grads,
+         f"({c} + 4 B) x block matmuls + 8 B x LayerNorms [approx]"),
+        ("  embedding backward", mem.embedding_backward, "3 x 4 B x V x h (held + dense + sum)"),
     ]
     return [row for row in resident if row[1]] + [("working set in backward (peak phase)", mem.working, "")] + [
         row for row in working if row[1]]

@@ -65,15 +65,34 @@ class PrecisionPolicy:
             return ShardedGradScaler(device=self.device_type)
         return torch.amp.GradScaler(self.device_type)
 
-    def fsdp_mixed_precision(self, reduce_dtype: str = "fp32"):
-        """The policy as FSDP2 sees it: parameters all-gathered in the compute dtype (half the
-        bytes and memory of fp32 under fp16/bf16), gradients reduced in fp32 by default
-        (`parallel.reduce_dtype`). Autocast stays on around the forward, as under DDP, so
-        LayerNorm, softmax and the loss still run in fp32 whatever the strategy."""
+    def fsdp_mixed_precision(self, reduce_dtype: str = "fp32", matmul_only: bool = True):
+        """The policy of one FSDP2 unit, chosen so that FSDP computes what DDP computes.
+
+        Under DDP, autocast casts the inputs of matmuls (Linear weights and biases) to the
+        compute dtype and nothing else: the embeddings, the LayerNorms and the residual
+        stream stay fp32. So a unit whose parameters only feed matmuls (`matmul_only`: a
+        block's attention and MLP) is all-gathered in the compute dtype, the rounding
+        autocast would do anyway, at half the bytes; any other unit (the root: embeddings,
+        ln_f and the tied LM head, whose matmul autocast casts as under DDP; the blocks'
+        LayerNorms) keeps fp32 parameters. cast_forward_inputs=False: FSDP would otherwise
+        cast every unit's input, the residual stream, to the compute dtype. Gradients are
+        reduced in fp32 by default (`parallel.reduce_dtype`).
+
+        The gradients of a gathered half weight are what DDP gets too: there the matmul's
+        half gradient passes autocast's cast back to fp32, here FSDP upcasts it before the
+        reduce-scatter. What still differs is outside this policy: the gradient norm for
+        clipping is summed shard by shard, fp16 under FSDP uses the unfused AdamW, and with
+        more than two ranks the reduce-scatter may add the ranks in another order than DDP's
+        all-reduce. With clipping off and the same AdamW, the losses of DDP and FSDP are
+        equal to the last bit (tests/test_fsdp_precision.py). (Gathering the blocks' LayerNorms
+        in the half dtype as well would round their gains, and on the CPU would not run at all:
+        CPU autocast does not upcast layer_norm, which refuses half weights next to an fp32
+        input.)"""
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         reduce = torch.float32 if reduce_dtype == "fp32" else self.compute_dtype
-        return MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=reduce)
+        param = self.autocast_dtype if matmul_only else None
+        return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce, cast_forward_inputs=False)
 
     def apply_backend_flags(self) -> None:
         """Set process-wide TF32 switches to match the policy (CUDA only)."""

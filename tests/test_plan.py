@@ -65,13 +65,23 @@ def test_fsdp_full_on_8_gpus_divides_fp32_state_by_8():
     mem = P.memory(gpt2(strategy="fsdp_full", gpus=8, precision="bf16"))
     assert mem.params == 4 * GPT2_N // 8 and mem.grads == 4 * GPT2_N // 8
     assert mem.optimizer == 8 * GPT2_N // 8 + 4 * GPT2_TENSORS
-    assert mem.ddp_buckets == 0 and mem.cast_weights == 0
+    assert mem.ddp_buckets == 0
+    # FSDP gathers as DDP's autocast casts: a block's Linear weights and biases (12h² + 9h) in bf16,
+    # its two LayerNorms (4h) and the root (wte = LM head, wpe, ln_f) in fp32; autocast then
+    # makes a bf16 copy of the fp32 LM head for its matmul, as under DDP
     root, block = (50304 + 1024 + 2) * 768, GPT2_BLOCK
-    assert mem.unsharded_params == 2 * (root + 2 * block)  # bf16 root + the block computing + the prefetched one
-    assert mem.block_grads == (2 + 4) * block  # bf16 unsharded gradient + its fp32 reduce-scatter input
-    assert mem.head_grad == 2 * 50304 * 768 and mem.embedding_backward == max(3 * 2 * 50304 * 768, 6 * root)
+    norms = 4 * 768
+    mm = block - norms
+    assert mm == 12 * 768**2 + 9 * 768
+    assert mem.cast_weights == 2 * 50304 * 768
+    # fp32 root + (bf16 matmuls + fp32 LayerNorms) x (the block computing + the prefetched one)
+    assert mem.unsharded_params == 4 * root + 2 * (2 * mm + 4 * norms)
+    # one block's unsharded gradient (bf16 matmuls, fp32 LayerNorms) + its fp32 reduce-scatter input
+    assert mem.block_grads == (2 + 4) * mm + (4 + 4) * norms
+    # the tied embedding's gradients are fp32: 3 x 4 B x V x h beats the root's 8 B x root
+    assert mem.head_grad == 4 * 50304 * 768 and mem.embedding_backward == max(3 * 4 * 50304 * 768, 8 * root)
     grad_op = P.memory(gpt2(strategy="fsdp_grad_op", gpus=8, precision="bf16"))
-    assert grad_op.unsharded_params == 2 * (root + 12 * block)  # the whole model between forward and backward
+    assert grad_op.unsharded_params == 4 * root + 12 * (2 * mm + 4 * norms)  # the whole model between forward and backward
 
 
 def test_fsdp_pads_each_tensor_to_ceil_rows_per_rank():
