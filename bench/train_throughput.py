@@ -17,6 +17,11 @@ to show how much of the gap is that one optimisation.
 
     python bench/train_throughput.py                  # defaults below, ~10 minutes on 2 cores
     python bench/train_throughput.py --steps 20 --repeats 1
+    python bench/train_throughput.py --before-ref 6e079cb   # also: that commit's trainer vs this tree's
+
+`--before-ref REF` adds a before/after comparison of our own trainer (pack batching): the code
+of commit REF (extracted with `git archive` into a temporary directory) against this checkout,
+each round running both in fresh processes of the same shape, in alternating order.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +45,45 @@ from distrib_gpt.config import load_config  # noqa: E402
 from distrib_gpt.data import TokenizedSplit, prepare_data  # noqa: E402
 from distrib_gpt.model import GPT  # noqa: E402
 from distrib_gpt.train import train  # noqa: E402
+
+
+def ours_overrides(args, work: Path, batching: str, tag: str) -> list[str]:
+    return [
+        "model.name=custom", "model.init=scratch", f"model.n_layer={args.n_layer}", f"model.n_head={args.n_head}",
+        f"model.n_embd={args.n_embd}", f"model.block_size={args.seq_len + 1}",
+        "data.source=bundled", f"data.max_examples={args.examples}", f"data.seq_len={args.seq_len}",
+        f"data.batching={batching}", f"data.cache_dir={work / 'cache'}",
+        f"run.out_dir={work / 'runs'}", f"run.name={tag}", "run.device=cpu", "run.overwrite=true",
+        "train.epochs=100", f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}",
+        "train.progress=false", f"train.log_every={args.steps}", "precision=fp32",
+        f"optim.lr={args.lr}", "optim.warmup_steps=5",
+        "eval.train_subset_batches=1", "eval.val_batches=1", "checkpoint.save_final=false",
+    ]
+
+
+def ours_in_process(tree: Path, args, work: Path, tag: str) -> float:
+    """Our trainer (pack batching) of the code in `tree`, in a fresh process: --before-ref runs
+    two versions of the code alike this way."""
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); "
+        "from distrib_gpt.config import load_config; from distrib_gpt.train import train; "
+        "print('TOKENS_PER_S', json.dumps(train(load_config(None, sys.argv[2:]))['tokens_per_s']))"
+    )
+    cmd = [sys.executable, "-c", code, str(tree), *ours_overrides(args, work, "pack", tag)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{tree}: our trainer failed:\n{out.stderr[-3000:]}")
+    return float(next(line for line in out.stdout.splitlines() if line.startswith("TOKENS_PER_S")).split()[1])
+
+
+def extract(ref: str, into: Path) -> str:
+    """The tree of commit `ref` into `into` (git archive: no change to this checkout); its hash."""
+    commit = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+    into.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return commit
 
 
 def ours(args, work: Path, batching: str, tag: str, full_head: bool = False) -> float:
@@ -56,20 +101,7 @@ def ours(args, work: Path, batching: str, tag: str, full_head: bool = False) -> 
             return ours(args, work, batching, tag)
         finally:
             GPT.forward = original
-    cfg = load_config(
-        None,
-        [
-            "model.name=custom", "model.init=scratch", f"model.n_layer={args.n_layer}", f"model.n_head={args.n_head}",
-            f"model.n_embd={args.n_embd}", f"model.block_size={args.seq_len + 1}",
-            "data.source=bundled", f"data.max_examples={args.examples}", f"data.seq_len={args.seq_len}",
-            f"data.batching={batching}", f"data.cache_dir={work / 'cache'}",
-            f"run.out_dir={work / 'runs'}", f"run.name={tag}", "run.device=cpu", "run.overwrite=true",
-            "train.epochs=100", f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}",
-            "train.progress=false", f"train.log_every={args.steps}", "precision=fp32",
-            f"optim.lr={args.lr}", "optim.warmup_steps=5",
-            "eval.train_subset_batches=1", "eval.val_batches=1", "checkpoint.save_final=false",
-        ],
-    )
+    cfg = load_config(None, ours_overrides(args, work, batching, tag))
     return train(cfg)["tokens_per_s"]
 
 
@@ -147,18 +179,36 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds; medians are reported")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--before-ref", default=None, help="also compare our trainer at this git commit with this checkout")
     args = p.parse_args()
+    from bench.quickstart import environment  # date, CPU, versions, commit (imports nothing heavy)
+
+    env = environment()
 
     results: dict[str, list[float]] = {"hf_trainer": [], "ours_pack": [], "ours_pad": [], "ours_pad_full_head": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rows = hf_dataset(args, work)
+        before_after = None
+        if args.before_ref:
+            before_tree = work / "before"
+            before_after = {"label_before": f"commit {extract(args.before_ref, before_tree)} (`--before-ref`)",
+                            "label_after": f"this checkout ({env.get('git_commit', '?')}"
+                                           f"{' + uncommitted changes' if env.get('git_dirty') else ''})",
+                            "before_tokens_per_s": [], "after_tokens_per_s": []}
         for r in range(args.repeats):
             results["hf_trainer"].append(hf(args, work, rows))
             results["ours_pack"].append(ours(args, work, "pack", f"pack{r}"))
             results["ours_pad"].append(ours(args, work, "pad", f"pad{r}"))
             results["ours_pad_full_head"].append(ours(args, work, "pad", f"padfull{r}", full_head=True))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} tok/s" for k, v in results.items()), flush=True)
+            if before_after is not None:  # alternate which goes first, so neither always follows the HF run
+                sides = [("before", before_tree), ("after", ROOT)]
+                for side, tree in sides if r % 2 == 0 else sides[::-1]:
+                    tps = ours_in_process(tree, args, work / side, f"{side}{r}")
+                    before_after[f"{side}_tokens_per_s"].append(tps)
+                print(f"round {r + 1}: before {before_after['before_tokens_per_s'][-1]:,.0f} tok/s, "
+                      f"after {before_after['after_tokens_per_s'][-1]:,.0f} tok/s", flush=True)
 
     med = {k: statistics.median(v) for k, v in results.items()}
     out = {
@@ -168,7 +218,10 @@ def main() -> None:
         "ratio_ours_pack_vs_hf": med["ours_pack"] / med["hf_trainer"],
         "ratio_ours_pad_vs_hf": med["ours_pad"] / med["hf_trainer"],
         "ratio_ours_pad_full_head_vs_hf": med["ours_pad_full_head"] / med["hf_trainer"],
+        "environment": env,
     }
+    if before_after is not None:
+        out["before_after"] = before_after
     print("\nreal tokens/s (median of {} rounds)".format(args.repeats))
     for k, v in med.items():
         print(f"  {k:<11} {v:>10,.0f}")

@@ -126,8 +126,9 @@ def _add_inference_commands(sub) -> None:
         "Methods: int8_dynamic (default; int8 weights per output channel, activations quantized per token on "
         "the fly), int8_weight_only, int8_static (one activation scale per layer calibrated on "
         "quantize.calib_examples training examples; torchao supports it on CPU, verified there; not verified "
-        "on CUDA). Layers kept in floating point: quantize.lm_head=false, quantize.skip=[patterns]. On CPUs "
-        "without AVX-512 VNNI/AMX int8 is smaller but slower than fp32 (docs/inference.md).",
+        "on CUDA). Layers kept in floating point: quantize.lm_head=false, quantize.skip=[patterns]. On an x86 "
+        "CPU, int8_dynamic runs on fbgemm's int8 kernel; int8_weight_only and int8_static run on torchao's, which "
+        "is slower than fp32 without AVX-512 VNNI/AMX (measured figures: docs/benchmarks.md).",
     )
     p.add_argument("--checkpoint", required=True, help="consolidated checkpoint directory (e.g. runs/NAME/checkpoint)")
     p.add_argument("--out", required=True, help="directory for the int8 checkpoint")

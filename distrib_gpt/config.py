@@ -122,6 +122,9 @@ class TrainConfig:
     overflow skips."""
     progress: bool = True
     """Show a progress bar (loss, tokens/s, ETA)."""
+    prefetch: int = 2
+    """Training batches built ahead by a background thread (pinned and copied to the GPU
+    ahead of their step on CUDA); 0 builds each batch when its step asks for it."""
 
 
 @dataclass
@@ -244,7 +247,8 @@ class QuantizeConfig:
     """Training examples (the first N, stored order) that calibrate `int8_static`."""
     val_batches: Optional[int] = None
     """Validation batches for the fp32 vs int8 loss comparison; null = eval.val_batches. Both
-    models are evaluated on `device`, and int8 is slow on CPUs without VNNI/AMX (see
+    models are evaluated on `device`. On CPUs without VNNI/AMX `int8_weight_only` and
+    `int8_static` are slower than fp32 (`int8_dynamic` runs on fbgemm there and is faster; see
     docs/inference.md): cap this for large models and validation sets."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     """Where the models are evaluated and timed; `auto` picks the GPU when one is visible."""
@@ -318,6 +322,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{key}: {value!r} is not one of {choices}")
@@ -480,6 +486,7 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.pad_vocab_to >= 1, "model.pad_vocab_to", f"must be >= 1, got {m.pad_vocab_to}")
 
+    _require(cfg.train.prefetch >= 0, "train.prefetch", f"must be >= 0, got {cfg.train.prefetch}")
     _require(d.seq_len >= 2, "data.seq_len", f"must be >= 2, got {d.seq_len}")
     _require(d.seq_len <= m.block_size, "data.seq_len", f"{d.seq_len} exceeds model.block_size={m.block_size}")
     _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")

@@ -440,11 +440,10 @@ def na_reason(run: Run, key: str) -> Optional[str]:
                 "figure)"
             )
         return "not recorded by this run"
-    if key == "mfu":
-        device = run.get("device_name") or run.get("device")
+    if key in ("mfu", "mfu_peak_source"):
         return (
-            f"MFU needs the device's peak FLOP/s, which is unknown for {device} "
-            "(CPUs have none; GPUs: distrib_gpt/metrics.py GPU_PEAK_TFLOPS)"
+            "not recorded: runs before MFU had a measured peak on CPUs and unknown GPUs "
+            "(docs/training.md, FLOPs and MFU)"
         )
     if key == "tokens_per_s":
         return "no timed steps: the first optimizer step is warm-up and not timed"
@@ -513,6 +512,7 @@ def results_table(runs: Sequence[Run]) -> Table:
             for e in range(n + 1)
         ],
         Column("mfu", "MFU", "percent"),
+        Column("mfu_peak_source", "MFU peak", "text"),
         Column("padding_fraction", "padding fraction", "percent"),
     ]
     t = Table("results", "Results", cols)
@@ -521,6 +521,8 @@ def results_table(runs: Sequence[Run]) -> Table:
             "run": r.label,
             **{c.key: r.get(c.key) for c in cols[1:6]},
             "mfu": r.get("mfu"),
+            # "spec": the GPU's data-sheet peak; "measured": a matmul calibration (CPUs)
+            "mfu_peak_source": r.get("mfu_peak_source"),
             "padding_fraction": r.get("padding_fraction"),
         }
         values.update(

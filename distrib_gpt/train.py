@@ -38,7 +38,7 @@ from . import metrics as M
 from .checkpoint import Checkpointer, resolve_resume, save_adapter, save_consolidated
 from .config import Config, ConfigError, save_config
 from .data import BatchLoader, DataError, Prepared, TokenizedSplit, prepare_data
-from .data.loader import Batch
+from .data.loader import Batch, Prefetcher
 from .distributed import (
     DistInfo,
     all_reduce,
@@ -48,9 +48,10 @@ from .distributed import (
     gather_objects,
     init_distributed,
     launch_info,
+    launched_by_torchrun,
     shutdown,
 )
-from .lora import adapter_state_dict, apply_lora, merge_state_dict, trainable_summary
+from .lora import adapter_state_dict, apply_lora, is_adapter_key, merge_state_dict, trainable_summary
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, lr_at, set_lr
 from .parallel import (
@@ -61,6 +62,7 @@ from .parallel import (
     full_state_dict,
     gradient_sync,
     grad_norm_to_tensor,
+    load_full_state_dict,
     parallelize,
 )
 from .precision import PrecisionPolicy, resolve_precision
@@ -87,6 +89,51 @@ def build_model(cfg: Config) -> GPT:
     if m.name == "custom":
         return GPT(GPTConfig(**shape, **common))
     return GPT(GPTConfig.from_name(m.name, **shape, **common))
+
+
+def build_parallel_model(cfg: Config, policy: PrecisionPolicy, info: DistInfo, device: torch.device, log) -> Parallelized:
+    """The model of `cfg.model`, with LoRA adapters if enabled, wrapped for the strategy, with
+    the initial weights one process would start from, on every rank.
+
+    FSDP/HSDP: no rank ever holds the whole model on its device. Every rank builds the model
+    on the meta device (shapes, no storage), shards it and allocates only its own shards;
+    rank 0 alone builds the initial weights, on its CPU, and they are sent into the shards
+    (so gpt2-xl starts on GPUs that cannot hold it whole). Other strategies replicate the
+    model: every rank builds it and then wraps it."""
+    fsdp = cfg.parallel.strategy in FSDP_STRATEGIES
+
+    def initial_model() -> GPT:
+        # the same RNG sequence whatever the strategy: seed, GPT init, then the LoRA adapters
+        # (on the CPU, so their init never depends on the device)
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg)
+        if cfg.lora.enabled:  # freezes the model and adds adapters (before wrapping: FSDP shards them with their block)
+            apply_lora(model, cfg.lora)
+        return model
+
+    if fsdp:
+        m = cfg.model
+        # pretrained: every rank reads the checkpoint's config; only rank 0 reads the weights
+        config = None
+        if m.init == "pretrained":
+            config = GPT.config_from_pretrained(m.pretrained_path or m.name, dropout=m.dropout, pad_vocab_to=m.pad_vocab_to)
+        with torch.device("meta"):  # shapes only, no storage
+            model = GPT(config) if config else build_model(cfg)
+            if cfg.lora.enabled:
+                apply_lora(model, cfg.lora)
+    else:
+        model = initial_model().to(device)
+    if cfg.lora.enabled:
+        trainable, total = trainable_summary(model)
+        log(f"lora: rank {cfg.lora.rank} on {len(cfg.lora.targets) * model.config.n_layer} layers | "
+            f"trainable {trainable:,} of {total:,} ({trainable / total:.2%})")
+    par = parallelize(model, cfg.parallel, policy, info, device)
+    if fsdp:
+        par.model.to_empty(device=device)  # this rank's shards only, uninitialised
+        load_full_state_dict(par, initial_model().state_dict() if info.rank == 0 else {})
+    # every rank, whatever the path, leaves in the same RNG state (dropout stays deterministic)
+    torch.manual_seed(cfg.run.seed)
+    return par
 
 
 def check_run_dir(cfg: Config, resuming: bool = False) -> None:
@@ -159,24 +206,31 @@ def train_step(
     device: torch.device,
     par: Optional[Parallelized] = None,
     info: DistInfo = DistInfo(),
+    n_global: Optional[int] = None,
 ) -> StepResult:
     """One optimizer step over `micro_batches` (gradient accumulation) on this rank.
 
     `model` is the module to call (the DDP/FSDP wrapper under a distributed strategy, whose
-    `Parallelized` record is `par`)."""
+    `Parallelized` record is `par`). `n_global` is the step's supervised-token count over all
+    ranks; the training loop takes it from the loader's plan (no collective, no host sync
+    before the forward); without it, it is all-reduced here.
+
+    The step has one host sync, at the end (loss and gradient norm), and takes its
+    decisions from those two numbers."""
     par = par or Parallelized(model, model, "single")
-    n_local = sum(b.n_supervised for b in micro_batches)
+    if n_global is None:
+        (n_global,) = all_reduce(info, [sum(b.n_supervised for b in micro_batches)])
     # the objective is the mean token loss over every supervised token of the step on every
     # rank. DDP and FSDP average gradients over ranks (divide by W), so each rank's loss is
     # (its token-loss sum) * W / N_global: the average of those is sum / N_global.
-    (n_global,) = all_reduce(info, [n_local])
-    scale = info.world_size / max(n_global, 1.0)
+    scale = info.world_size / max(n_global, 1)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     for i, batch in enumerate(micro_batches):
         batch = batch.to(device, non_blocking=True)
         with gradient_sync(par, sync=i == len(micro_batches) - 1):
             with policy.autocast():
-                _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False)
+                _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False,
+                                target_index=batch.target_index)
             loss_sum += loss.detach().double()
             loss = loss * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -186,23 +240,21 @@ def train_step(
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = grad_norm_to_tensor(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf))
     loss_sum = all_reduce_tensor(info, loss_sum)
-    loss_value, norm_value = torch.stack([loss_sum / max(n_global, 1.0), grad_norm.double()]).tolist()  # one sync
+    loss_value, norm_value = torch.stack([loss_sum / max(n_global, 1), grad_norm.double()]).tolist()  # the one sync
 
-    skipped = False
-    if not math.isfinite(loss_value):
-        skipped = True  # never let a non-finite loss move the weights (same decision on every rank)
-        if scaler is not None:
-            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-    elif scaler is not None:
-        scale_before = scaler.get_scale()
-        scaler.step(optimizer)  # skips the update itself if any gradient is inf/nan
-        scaler.update()
-        skipped = scaler.get_scale() < scale_before
-    else:
-        if math.isfinite(norm_value):
-            optimizer.step()
+    # A non-finite gradient norm means some gradient is inf or nan, which is exactly when
+    # fp16's GradScaler skips the update (its found_inf check over the same unscaled
+    # gradients), so the skip is known here without reading the scale back (another sync).
+    # Never let a non-finite loss move the weights either (the same decision on every rank).
+    skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+    if scaler is not None:
+        if math.isfinite(loss_value):
+            scaler.step(optimizer)  # skips the update itself if any gradient is inf/nan
+            scaler.update()
         else:
-            skipped = True
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+    elif not skipped:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(
         loss=loss_value,
@@ -236,7 +288,8 @@ def evaluate(
             break
         batch = batch.to(device, non_blocking=True)
         with policy.autocast():
-            _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False)
+            _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False,
+                            target_index=batch.target_index)
         if info.rank + j * info.world_size < limit:  # not one of the repeats that pad the list
             total += loss.double()
             count += batch.n_supervised
@@ -277,16 +330,23 @@ def _prepare_shared(cfg: Config, info: DistInfo, log) -> Prepared:
 
 def train(cfg: Config) -> dict:
     """Run a whole training job; returns the summary (rank 0 also writes summary.json)."""
+    started = time.perf_counter()
     info, device = init_distributed(cfg.run.device, cfg.parallel.timeout_s)
-    summary = _train(cfg, info, device)
+    summary = _train(cfg, info, device, started)
     # only on success: after a failure a peer may be gone, and tearing the group down would
     # wait for it; the process is about to exit and torchrun cleans up
     shutdown(info)
+    if info.is_main and cfg.quantize.after_training:
+        # int8 conversion after the process group is gone: the other ranks have exited, so
+        # none waits in a collective (with its timeout) while rank 0 converts a large model
+        from .quantize import quantize_after_training
+
+        quantize_after_training(cfg, cfg.run_dir, log=print)  # checkpoint_int8/ + quant_summary.json
     return summary
 
 
-def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
-    started = time.time()
+def _train(cfg: Config, info: DistInfo, device: torch.device, started: float) -> dict:
+    phases = M.Phases(device, started)  # "setup" until the first evaluation
     check_strategy(cfg.parallel, info)
     policy = resolve_precision(cfg.precision, device)
     policy.apply_backend_flags()
@@ -294,6 +354,7 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
     check_run_dir(cfg, resuming=resume_from is not None)
     main = info.is_main
     log = print if main else (lambda *a, **k: None)  # only rank 0 logs and writes files
+    environment = M.environment()  # imports transformers: counted in set-up, not after the last phase
 
     prepared = _prepare_shared(cfg, info, log)
     train_split = TokenizedSplit.open(prepared.dir, "train")
@@ -305,16 +366,11 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
     train_eval = BatchLoader(train_split, d.batching, d.seq_len, eval_bs, seed=cfg.run.seed, shuffle=False, **ranks)
     val_eval = BatchLoader(val_split, d.batching, d.seq_len, eval_bs, seed=cfg.run.seed, shuffle=False, **ranks)
 
-    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    model = build_model(cfg).to(device)
-    n_params = model.num_params()
+    par = build_parallel_model(cfg, policy, info, device, log)
+    model = par.inner
+    n_params = model.num_params() - sum(p.numel() for n, p in model.named_parameters() if is_adapter_key(n))  # the base model
     mc = model.config
-    fpt = M.flops_per_token(model.num_params(exclude_embeddings=True), mc.n_layer, mc.n_head, mc.n_embd // mc.n_head, d.seq_len)
-    if cfg.lora.enabled:  # freeze the model, add adapters (before wrapping: FSDP shards them with their block)
-        adapted = apply_lora(model, cfg.lora)
-        trainable, total = trainable_summary(model)
-        log(f"lora: rank {cfg.lora.rank} on {len(adapted)} layers | trainable {trainable:,} of {total:,} ({trainable / total:.2%})")
-    par = parallelize(model, cfg.parallel, policy, info, device)
+    step_flops = M.training_flops_fn(model)  # executed matmul FLOPs of a batch's work (metrics.py)
     sharded = cfg.parallel.strategy in FSDP_STRATEGIES
     # torch 2.13's ShardedGradScaler hands the fused AdamW kernel a found_inf of shape [1]
     # where it expects a scalar, so fp16 under FSDP uses the (foreach) unfused AdamW
@@ -345,7 +401,9 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
     total_steps = t.epochs * steps_per_epoch
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
-    peak = M.peak_flops(device, policy.name)
+    # every rank measures its own peak (on a CPU, all ranks at once: they share the cores
+    # as they will in training); the job's MFU divides by the sum
+    peak, peak_source = M.peak_flops(device, policy.name, policy.compute_dtype)
     log(
         f"run {run_dir} | {cfg.parallel.strategy} x {info.world_size} | {device.type} | precision {policy.name} | "
         f"params {n_params / 1e6:.1f}M | global batch {global_batch} x {d.seq_len} | "
@@ -355,8 +413,10 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
     writer = M.MetricsWriter(run_dir, tensorboard=cfg.metrics.tensorboard) if main else None
     throughput = M.Throughput(skip=1 if total_steps > 1 else 0)
     model_fn = par.model
+    checkpoint_times: list[float] = []
 
     def run_eval() -> tuple[float, float]:
+        phases.switch("eval")
         tl = evaluate(model_fn, train_eval, cfg.eval.train_subset_batches, policy, device, info)
         vl = evaluate(model_fn, val_eval, cfg.eval.val_batches, policy, device, info)
         return tl, vl
@@ -374,8 +434,11 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
         step, start_epoch, start_step_in_epoch = resumed["step"], resumed["epoch"], resumed["step_in_epoch"]
         skipped_steps, nonfinite_in_a_row = resumed["skipped_steps"], resumed["nonfinite_in_a_row"]
         supervised_total, base_real, base_pad = resumed["supervised_tokens"], resumed["real_tokens"], resumed["pad_tokens"]
+    first_step = step  # of this attempt
 
     def save_checkpoint(next_epoch: int, step_in_epoch: int) -> None:
+        phases.switch("checkpoint")
+        t0 = time.perf_counter()
         real, pad = all_reduce(info, [throughput.real_tokens_total, throughput.pad_tokens_total])
         state = {
             "step": step, "epoch": next_epoch, "step_in_epoch": step_in_epoch,
@@ -390,29 +453,40 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
             "nonfinite_in_a_row": nonfinite_in_a_row, "real_tokens": base_real + int(real), "pad_tokens": base_pad + int(pad),
         }
         path = ckpt.save(par.model, optimizer, state, step, barrier=lambda: barrier(info))
-        log(f"checkpoint {path}")
+        checkpoint_times.append(time.perf_counter() - t0)
+        log(f"checkpoint {path} ({checkpoint_times[-1]:.2f}s)")
+
     bar = tqdm(total=total_steps, disable=not (t.progress and main), unit="step", dynamic_ncols=True, file=sys.stderr)
     model_fn.train()
     for epoch in range(start_epoch, t.epochs):
         if step >= total_steps:
             break
         loader.set_epoch(epoch)
-        epoch_start = last = time.perf_counter()
+        phases.switch("train")
+        epoch_train_s = phases.seconds["train"]
         skip = start_step_in_epoch if epoch == start_epoch else 0  # steps a resumed epoch already did
         step_in_epoch = skip
-        for group in micro_batch_groups(loader.iter_from(min(skip * t.grad_accum, len(loader))), t.grad_accum):
+        # every step's supervised-token count over all ranks, from the epoch's plan: the loss
+        # normaliser is known before the forward, with no collective and no host sync
+        n_global = loader.step_supervised_counts(t.grad_accum)
+        batches = Prefetcher(loader.iter_from(min(skip * t.grad_accum, len(loader))), device, depth=t.prefetch)
+        last = time.perf_counter()
+        for group in micro_batch_groups(batches, t.grad_accum):
             if step >= total_steps:
                 break
             lr = lr_at(step, total_steps, cfg.optim)
             set_lr(optimizer, lr)
-            r = train_step(model_fn, group, optimizer, policy, scaler, cfg.optim.grad_clip, device, par, info)
-            # a step's time runs from the end of the previous step, so it includes building
-            # the batches; train_step ends with a host sync, so the GPU work is in it too
+            r = train_step(model_fn, group, optimizer, policy, scaler, cfg.optim.grad_clip, device, par, info,
+                           n_global=int(n_global[step_in_epoch]))
+            # a step's time runs from the end of the previous step (or of the checkpoint save
+            # that followed it), so it includes building the batches and logging; train_step
+            # ends with a host sync, so the GPU work is in it too
             now = time.perf_counter()
             dt, last = now - last, now
             step += 1
             step_in_epoch += 1
-            throughput.update(r.real_tokens, r.pad_tokens, dt)
+            work = sum((M.StepWork(b.n_real_tokens, b.n_attention_pairs, b.n_supervised) for b in group), M.StepWork(0, 0, 0))
+            throughput.update(r.real_tokens, r.pad_tokens, dt, step_flops(work))
             supervised_total += r.supervised_tokens
             skipped_steps += r.skipped
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if r.skipped else 0
@@ -441,7 +515,10 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
             every = cfg.checkpoint.every_steps
             if every and step % every == 0 and step_in_epoch < steps_per_epoch and step < total_steps:
                 save_checkpoint(epoch, step_in_epoch)
-        (epoch_time,) = all_reduce(info, [time.perf_counter() - epoch_start], op="max")
+                phases.switch("train")
+                last = time.perf_counter()  # the save is not the next step's time
+        phases.switch("eval")
+        (epoch_time,) = all_reduce(info, [phases.seconds["train"] - epoch_train_s], op="max")
         epoch_times.append(epoch_time)
         tl, vl = run_eval()
         train_losses.append(tl)
@@ -454,6 +531,7 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
     if writer is not None:
         writer.close()
 
+    phases.switch("final_save")
     ckpt_bytes = adapter_bytes = None
     if cfg.checkpoint.save_final:
         state = full_state_dict(par)  # a collective under FSDP: every rank takes part
@@ -464,17 +542,25 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
             plain = GPT(mc)
             plain.load_state_dict(state)
             ckpt_bytes = M.dir_bytes(save_consolidated(plain, run_dir / "checkpoint", cfg.checkpoint.export_dtype))
+    phases.switch(None)
 
-    # every rank's own figures; the job's are sums of tokens and maxima of times and memory
-    gpu_peak, gpu_reserved = M.gpu_memory(device)
+    # every rank's own figures; the job's are sums of tokens and FLOPs, maxima of times and memory
     mine = {
         "rank": info.rank,
         "real_tokens_timed": throughput.tokens,
+        "flops_timed": throughput.flops,
         "timed_s": throughput.seconds,
         "tokens_per_s": throughput.tokens_per_s,
-        "peak_gpu_mem_bytes": gpu_peak,
-        "peak_gpu_reserved_bytes": gpu_reserved,
-        "peak_host_rss_bytes": M.peak_host_rss_bytes(),
+        "peak_flops": peak,
+        "peak_gpu_mem_bytes": phases.peaks["train"]["gpu_allocated_bytes"],
+        "peak_gpu_reserved_bytes": phases.peaks["train"]["gpu_reserved_bytes"],
+        "peak_host_rss_bytes": phases.peaks["train"]["host_rss_bytes"],
+        "setup_peak_gpu_mem_bytes": phases.peaks["setup"]["gpu_allocated_bytes"],
+        "setup_peak_gpu_reserved_bytes": phases.peaks["setup"]["gpu_reserved_bytes"],
+        "setup_peak_host_rss_bytes": phases.peaks["setup"]["host_rss_bytes"],
+        "peak_memory_by_phase": phases.peaks,
+        "time_by_phase_s": phases.seconds,
+        "checkpoint_time_s": checkpoint_times,
         "real_tokens": throughput.real_tokens_total,
         "pad_tokens": throughput.pad_tokens_total,
         "grad_comm_bytes": par.comm.bytes,
@@ -487,15 +573,21 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
         values = [r[key] for r in per_rank if r[key] is not None]
         return max(values) if values else None
 
+    def phase_max(phase: str) -> float:
+        return max(r["time_by_phase_s"][phase] for r in per_rank)
+
     timed_s = job_max("timed_s") or 0.0
     tps = sum(r["real_tokens_timed"] for r in per_rank) / timed_s if timed_s > 0 else None
+    flops_timed = sum(r["flops_timed"] for r in per_rank)
+    job_peak = sum(r["peak_flops"] for r in per_rank)
     real_all = base_real + sum(r["real_tokens"] for r in per_rank)
     pad_all = base_pad + sum(r["pad_tokens"] for r in per_rank)
+    steps_run = step - first_step  # by this attempt: what its counters cover
     if cfg.parallel.strategy in ("ddp", "zero1"):
         # the hook measures the gradient bytes handed to all-reduce; a ring all-reduce of G
         # bytes makes each rank send 2 (W-1)/W G
         w = info.world_size
-        measured = per_rank[0]["grad_comm_bytes"] / step if step else 0.0
+        measured = per_rank[0]["grad_comm_bytes"] / steps_run if steps_run else 0.0
         comm_per_step = 2 * (w - 1) / w * measured
         comm_how = f"measured: {measured:.0f} gradient bytes all-reduced per step (DDP comm hook), x 2(W-1)/W for a ring"
         if cfg.parallel.strategy == "zero1":
@@ -508,6 +600,7 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
     else:
         comm_per_step, comm_how = 0, "none (single process)"
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    checkpoint_times = per_rank[0]["checkpoint_time_s"]  # the saves end with a barrier: every rank waits as long
     summary = {
         "precision": policy.name,
         "precision_requested": policy.requested,
@@ -525,18 +618,32 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
         "peak_gpu_mem_bytes": job_max("peak_gpu_mem_bytes"),
         "peak_gpu_reserved_bytes": job_max("peak_gpu_reserved_bytes"),
         "peak_host_rss_bytes": job_max("peak_host_rss_bytes"),
+        "setup_peak_gpu_mem_bytes": job_max("setup_peak_gpu_mem_bytes"),
+        "setup_peak_gpu_reserved_bytes": job_max("setup_peak_gpu_reserved_bytes"),
+        "setup_peak_host_rss_bytes": job_max("setup_peak_host_rss_bytes"),
+        "peak_host_rss_how": "per phase: VmHWM reset at each phase start (/proc/self/clear_refs)"
+        if phases.host_peak_resettable else "whole process: the kernel did not allow resetting its peak-RSS mark",
         "checkpoint_bytes": ckpt_bytes,
         "adapter_bytes": adapter_bytes,
         "sharded_checkpoint_bytes": M.dir_bytes(latest) if (latest := ckpt.latest()) else None,
         "train_loss_by_epoch": train_losses,
         "val_loss_by_epoch": val_losses,
-        "mfu": (tps / info.world_size * fpt / peak) if (tps and peak) else None,
+        "mfu": flops_timed / (timed_s * job_peak) if (timed_s > 0 and job_peak) else None,
+        "mfu_peak_source": peak_source,
         "padding_fraction": pad_all / (real_all + pad_all) if real_all + pad_all else 0.0,
+        # where the wall clock went (this attempt; each the slowest rank's)
+        "setup_time_s": phase_max("setup"),
+        "eval_time_s": phase_max("eval"),
+        "train_time_s": phase_max("train"),
+        "checkpoint_time_s": checkpoint_times,
+        "checkpoint_time_total_s": sum(checkpoint_times),
+        "final_save_time_s": phase_max("final_save"),
         # context for reading the numbers above
         "steps": step,
         "epochs_completed": len(epoch_times),
         "last_epoch_partial": step < t.epochs * steps_per_epoch and step == total_steps,
         "timed_steps": max(throughput.steps - throughput.skip, 0),
+        "timed_s": timed_s,
         "real_tokens": real_all,
         "supervised_tokens": supervised_total,
         "skipped_steps": skipped_steps,
@@ -547,16 +654,17 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
         "batching": d.batching,
         "comm_bytes_per_step": comm_per_step,
         "comm_bytes_how": comm_how,
-        "flops_per_token": fpt,
-        "peak_flops": peak,
+        "flops_timed": flops_timed,
+        "flops_per_token": flops_timed / sum(r["real_tokens_timed"] for r in per_rank) if flops_timed else None,
+        "peak_flops": job_peak,
         "per_rank": per_rank,
         "data_manifest_key": prepared.manifest["key"],
         "data_counts": prepared.manifest.get("counts"),
         "config_hash": cfg.hash(),
-        "environment": M.environment(),
+        "environment": environment,
         "resumed_from_step": resumed["step"] if resumed else None,
         "launch": launch_info(),
-        "wall_time_s": time.time() - started,
+        "wall_time_s": time.perf_counter() - started,
         "finished_at": M.now_iso(),
     }
     M.write_json_atomic(summary, run_dir / "summary.json")
@@ -564,12 +672,6 @@ def _train(cfg: Config, info: DistInfo, device: torch.device) -> dict:
         f"done | tokens/s {tps or 0:,.0f} | mean epoch {summary['mean_epoch_time_s'] or 0:.1f}s | "
         f"loss by epoch {[round(x, 4) for x in train_losses]} | {run_dir / 'summary.json'}"
     )
-
-    # --- int8 inference (quantize.after_training): rank 0 only, after summary.json ---------
-    if cfg.quantize.after_training:
-        from .quantize import quantize_after_training
-
-        quantize_after_training(cfg, run_dir, log=log)  # checkpoint_int8/ + quant_summary.json
     return summary
 
 
@@ -580,5 +682,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
+def _exit(code: int) -> None:
+    """Leave a torchrun worker without the interpreter's teardown. Every output is written and
+    closed and the process group destroyed by now, but gloo worker processes were seen to
+    abort in C++ static destructors at exit ("terminate called without an active
+    exception"), rarely and only under load, turning a finished job into a failed one."""
+    if launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

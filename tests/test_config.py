@@ -97,3 +97,11 @@ def test_cli_config_error_exits_2_with_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"]
     assert not any(tmp_path.iterdir())  # nothing written before the config was valid
+
+
+def test_bare_on_off_reach_string_choices():
+    """YAML 1.1 reads `off` as False; a key whose choices are "on"/"off" still gets the word."""
+    assert load_config(None, ["optim.fused=off"]).optim.fused == "off"
+    assert load_config(None, ["optim.fused=on"]).optim.fused == "on"
+    with pytest.raises(ConfigError, match="train.progress"):
+        load_config(None, ["train.progress=maybe"])

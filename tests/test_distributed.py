@@ -78,6 +78,12 @@ def test_strategy_matches_single_process(strategy, single, cache, tmp_path):
     assert s["supervised_tokens"] == ref["supervised_tokens"]
     assert len(s["per_rank"]) == 2 and {p["rank"] for p in s["per_rank"]} == {0, 1}
     assert s["tokens_per_s"] > 0 and s["comm_bytes_per_step"] > 0
+    if strategy in ("ddp", "zero1"):
+        # measured by the DDP comm hook: the fp32 gradient of every parameter goes into one
+        # all-reduce per step; a ring all-reduce over 2 ranks sends 2 (W-1)/W = 1x of it
+        grads = s["trainable_params"] * 4
+        zero1_broadcast = s["params"] * 4 / 2 if strategy == "zero1" else 0  # (W-1)/W of the fp32 weights
+        assert s["comm_bytes_per_step"] == grads + zero1_broadcast
     for a, b in zip(s["val_loss_by_epoch"], ref["val_loss_by_epoch"]):
         assert a == pytest.approx(b, rel=1e-4)
     # the consolidated checkpoint holds plain keys and the full (unsharded) tensors
@@ -184,3 +190,17 @@ def test_failing_rank_brings_the_job_down_with_its_message(cache, tmp_path):
     report = r.stderr[r.stderr.index("Root Cause"):]
     assert "rank      : 1" in report and "injected failure on rank 1 at step 2" in report
     assert not (tmp_path / "fail" / "summary.json").exists()
+
+
+def test_int8_conversion_longer_than_the_collective_timeout(cache, tmp_path):
+    """quantize.after_training runs on rank 0 after the process group is shut down, so a
+    conversion slower than parallel.timeout_s (here 15 s against 6 s) finishes the job instead
+    of timing out rank 1, which used to wait for it in a barrier."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", SLOW_QUANTIZE_S="15")
+    helper = Path(__file__).parent / "helpers" / "slow_quantize.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(helper),
+           *overrides(cache, tmp_path, "q", "parallel.strategy=ddp", "train.micro_batch_size=4", "parallel.timeout_s=6",
+                      "quantize.after_training=true", "quantize.measure=false")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "q" / "quant_summary.json").read_text())["quantized_layers"] > 0

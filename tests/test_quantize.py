@@ -10,6 +10,7 @@ int8 quality, which needs a realistic model (docs/benchmarks.md).
 """
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,16 @@ from distrib_gpt.config import load_config
 from distrib_gpt.generate import generate
 from distrib_gpt.train import train
 
+def _cpu_has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        return " avx2 " in " " + Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0] + " "
+    except (OSError, IndexError):
+        return False
+
+
+CPU_HAS_AVX2 = _cpu_has_avx2()
 BLOCK_LINEARS = [f"transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
 
 
@@ -71,7 +82,7 @@ def test_after_training_writes_int8_checkpoint_and_summary(run):
         assert m["prefill_ms_batch1"] > 0 and m["peak_rss_bytes"] > 0
         assert set(m["decode_tokens_per_s"]) == {"1", "8"} and all(x > 0 for x in m["decode_tokens_per_s"].values())
     assert "decode_tokens_per_s_batch1" in s["inference"]["int8_vs_fp32"]
-    kernel = "fbgemm" if Q.fbgemm_available() else "torchao"
+    kernel = "fbgemm" if CPU_HAS_AVX2 else "torchao"
     assert s["kernels"] == dict.fromkeys(s["layers"], kernel)
     assert s["inference"]["int8"]["int8_kernels"] == [kernel] and s["inference"]["fp32"]["int8_kernels"] == []
 
@@ -138,7 +149,16 @@ def test_saved_int8_loads_back_exactly_without_pickle(run):
     assert cached.tokens == plain.tokens
 
 
-needs_fbgemm = pytest.mark.skipif(not Q.fbgemm_available(), reason="fbgemm int8 kernels need an x86 CPU with AVX2")
+needs_fbgemm = pytest.mark.skipif(not CPU_HAS_AVX2, reason="fbgemm int8 kernels need an x86 CPU with AVX2")
+
+
+def test_fbgemm_kernel_is_used_on_avx2_cpus():
+    """On an x86 CPU with AVX2 (read from /proc/cpuinfo, not from the code under test) the fast
+    kernel must be there: a torch upgrade that drops it fails here instead of silently
+    falling back to torchao's CPU path (several times slower, docs/benchmarks.md)."""
+    if not CPU_HAS_AVX2:
+        pytest.skip("not an x86 CPU with AVX2")
+    assert Q.fbgemm_available()
 
 
 def fbgemm_reference(x: torch.Tensor, weight) -> torch.Tensor:

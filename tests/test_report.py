@@ -30,6 +30,7 @@ SEED_COLUMNS = [
     "train loss after epoch 0",
     "train loss after epoch 1",
     "MFU",
+    "MFU peak",
     "padding fraction",
 ]
 
@@ -143,6 +144,7 @@ def test_every_seed_metric_equals_the_summaries(report, sweep_base):
             "peak_host_rss_bytes",
             "checkpoint_bytes",
             "mfu",
+            "mfu_peak_source",
             "padding_fraction",
         ):
             assert row[key] == s[key], key
@@ -163,16 +165,12 @@ def test_missing_values_are_na_with_a_footnote_never_zero(report):
     _, rows = md_table(md, "run", "peak GPU memory (MiB)")
     headers = [c["header"] for c in data["tables"]["results"]["columns"]]
     for cells in rows.values():
-        for header in ("peak GPU memory (MiB)", "MFU"):
-            mark = re.fullmatch(r"n/a\[\^(\d+)\]", cells[headers.index(header)]).group(
-                1
-            )
-            note = re.search(rf"^\[\^{mark}\]: (.*)$", md, re.M).group(1)
-            assert note.startswith(
-                "CPU run"
-                if header.startswith("peak")
-                else "MFU needs the device's peak FLOP/s"
-            )
+        mark = re.fullmatch(r"n/a\[\^(\d+)\]", cells[headers.index("peak GPU memory (MiB)")]).group(1)
+        note = re.search(rf"^\[\^{mark}\]: (.*)$", md, re.M).group(1)
+        assert note.startswith("CPU run")
+        # a CPU run has an MFU, against a measured matmul peak, and says so
+        assert re.fullmatch(r"\d+\.\d+%", cells[headers.index("MFU")]), cells
+        assert cells[headers.index("MFU peak")] == "measured"
 
 
 def test_ratios_against_the_matching_fp32_run(report, sweep_base):
@@ -342,7 +340,8 @@ def test_an_earlier_report_is_replaced(capsys, report, sweep_base, tmp_path):
     code, stdout, err = run_cli(
         capsys, "report", str(cell_dir(sweep_base, "fp32", False)), "--out", str(out)
     )
-    assert code == 0, err and f"wrote {out / 'report.md'}" in stdout
+    assert code == 0, err
+    assert f"wrote {out / 'report.md'}" in stdout, stdout
     assert (
         not (out / "stale.png").exists()
         and len(json.loads((out / "report.json").read_text())["runs"]) == 1

@@ -55,12 +55,12 @@ def test_each_precision_trains_end_to_end(tmp_path, precision):
     assert losses[-1] < losses[0] - 1.0, losses
     assert on_disk["val_loss_by_epoch"][-1] < on_disk["val_loss_by_epoch"][0]
     assert on_disk["tokens_per_s"] > 0
-    assert on_disk["peak_gpu_mem_bytes"] is None and on_disk["mfu"] is None
+    assert on_disk["peak_gpu_mem_bytes"] is None and on_disk["mfu_peak_source"] == "measured" and 0 < on_disk["mfu"] < 1
     assert on_disk["peak_host_rss_bytes"] > 50 * 2**20
     assert on_disk["params"] == on_disk["trainable_params"] > 0
     assert on_disk["padding_fraction"] < 0.05  # packing pads only an epoch's last block
     ckpt = run_dir / "checkpoint"
-    assert on_disk["checkpoint_bytes"] == sum(p.stat().st_size for p in ckpt.iterdir())
+    assert on_disk["checkpoint_bytes"] == ckpt.stat().st_size + sum(p.stat().st_size for p in ckpt.iterdir())
     if precision == "tf32":
         assert "fp32" in on_disk["precision_note"]
 
@@ -180,14 +180,14 @@ def test_existing_run_dir_is_not_clobbered(tmp_path):
 
 
 def test_tensorboard_events_written(tmp_path):
-    pytest.importorskip("tensorboard")
+    import tensorboard  # noqa: F401  (in the dev extra, which the test command installs)
     cfg = load_config(None, tiny(tmp_path, "train.max_steps=2", "metrics.tensorboard=true", "run.name=tb"))
     T.train(cfg)
     assert list((tmp_path / "runs" / "tb" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_pretrained_init_from_local_dir(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64))
     hf.save_pretrained(tmp_path / "hf")
     extra = [o for o in tiny(tmp_path) if not o.startswith(("model.", "train.epochs"))]
