@@ -40,7 +40,6 @@ decode tokens/s = B * (N - 1) / (time of generate(N new) - time of generate(1 ne
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -75,6 +74,7 @@ from distrib_gpt.quantize import (
     val_loader,
 )
 from distrib_gpt.tokenizer import EOT_ID
+from bench.machine import other_load, wait_quiet  # noqa: E402
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # label: (quantize.method, quantize.lm_head, int8 kernel)
@@ -93,49 +93,6 @@ def log(*a) -> None:
 
 
 # ---------------------------------------------------------------- a shared machine
-
-
-def _busy_jiffies() -> tuple[int, int]:
-    """(busy, total) clock ticks of all CPUs so far (/proc/stat); (0, 0) where unavailable."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return 0, 0
-    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
-
-
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-@contextlib.contextmanager
-def other_load():
-    """Yields a dict whose "share" is, after the block, the share of the machine's CPU time
-    that other processes used while the block ran (0..1)."""
-    out = {"share": 0.0}
-    busy0, total0 = _busy_jiffies()
-    own0 = _own_cpu_s()
-    yield out
-    busy1, total1 = _busy_jiffies()
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total_s = (total1 - total0) / hz
-    others_s = (busy1 - busy0) / hz - (_own_cpu_s() - own0)
-    out["share"] = max(0.0, others_s / total_s) if total_s > 0 else 0.0
-
-
-def wait_quiet(max_s: float, window_s: float = 3.0, busy_max: float = 0.1) -> float:
-    """Wait up to `max_s` seconds for a `window_s` stretch in which the CPUs are less than
-    `busy_max` busy (other work on a shared machine distorts timings); returns the wait."""
-    t0 = time.time()
-    while time.time() - t0 < max_s:
-        b0, n0 = _busy_jiffies()
-        time.sleep(window_s)
-        b1, n1 = _busy_jiffies()
-        if n1 == n0 or (b1 - b0) / (n1 - n0) < busy_max:
-            break
-    return time.time() - t0
 
 
 # ----------------------------------------------------------------------------- models

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,57 +27,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import busy_jiffies, environment, wait_quiet  # noqa: E402
 CONFIG = "configs/quickstart.yaml"
 # copied from the run's summary.json
 SUMMARY_KEYS = (
     "train_loss_by_epoch", "val_loss_by_epoch", "tokens_per_s", "steps", "epochs_completed",
     "mean_epoch_time_s", "params", "wall_time_s", "precision", "device",
 )
-
-
-def cpu_model() -> str:
-    """The first "model name" of /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def mem_total_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def busy_jiffies() -> tuple[int, int]:
-    """(busy, total) clock ticks of all CPUs so far (/proc/stat); (0, 0) where unavailable."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return 0, 0
-    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
-
-
-def wait_quiet(max_s: float, window_s: float = 3.0, busy_max: float = 0.1) -> float:
-    """Wait up to `max_s` seconds for a `window_s` stretch in which the CPUs are less than
-    `busy_max` busy (other work on a shared machine distorts the time); returns the wait."""
-    t0 = time.time()
-    while time.time() - t0 < max_s:
-        b0, n0 = busy_jiffies()
-        time.sleep(window_s)
-        b1, n1 = busy_jiffies()
-        if n1 == n0 or (b1 - b0) / (n1 - n0) < busy_max:
-            break
-    return time.time() - t0
 
 
 def children_cpu_s() -> float:
@@ -93,31 +50,6 @@ def distrib_gpt_exe() -> str:
     if not found:
         sys.exit("error: no distrib-gpt executable next to this Python or on PATH (pip install -e .)")
     return found
-
-
-def _git(*args: str) -> str:
-    cmd = ["git", "--no-optional-locks", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-
-def environment() -> dict:
-    env = {
-        "date": time.strftime("%Y-%m-%d"),
-        "cpu_model": cpu_model(),
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "mem_total_bytes": mem_total_bytes(),
-        "python": platform.python_version(),
-    }
-    try:  # the code that runs: commit, and whether tracked files differ from it (read-only git)
-        env["git_commit"] = _git("rev-parse", "--short", "HEAD")
-        env["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    # the versions the timed command imports, without importing torch here
-    code = "import json, torch, transformers; print(json.dumps([torch.__version__, transformers.__version__]))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    env["torch"], env["transformers"] = json.loads(out)
-    return env
 
 
 def main() -> None:

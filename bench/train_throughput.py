@@ -181,7 +181,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--before-ref", default=None, help="also compare our trainer at this git commit with this checkout")
     args = p.parse_args()
-    from bench.quickstart import environment  # date, CPU, versions, commit (imports nothing heavy)
+    from bench.machine import environment  # date, CPU, versions, commit
 
     env = environment()
 

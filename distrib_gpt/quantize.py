@@ -667,26 +667,6 @@ def calibration_batches(prepared_dir: Path, n: int, seq_len: int, device: torch.
 # ------------------------------------------------------------------ measurement
 
 
-def _peak_rss_reset() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _vm_hwm_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def measure_checkpoint(ckpt_dir: str, device: str, opts: dict) -> dict:
     """Load `ckpt_dir` and time it (runs inside a fresh `python -m distrib_gpt.quantize
     measure` process, so each model's memory is its own)."""
@@ -704,13 +684,13 @@ def measure_checkpoint(ckpt_dir: str, device: str, opts: dict) -> dict:
     model = load_model(ckpt_dir, dev, opts.get("dtype"), opts.get("int8_kernel", "auto"))
     load_s = time.perf_counter() - t0
     rss_loaded = M.host_rss_bytes()
-    scoped = _peak_rss_reset()
+    scoped = M.reset_peak_host_rss()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     timing = measure_inference(
         model, dev, opts["prompt_tokens"], opts["new_tokens"], tuple(opts["batch_sizes"]), opts["repeats"]
     )
-    peak = (_vm_hwm_bytes() if scoped else None) or M.peak_host_rss_bytes()
+    peak = M.peak_host_rss_bytes()  # VmHWM: since the reset when `scoped`, else the whole process
     kernels = sorted(set(layer_kernels(model).values()))
     out = {
         "int8": int8,

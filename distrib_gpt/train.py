@@ -469,7 +469,8 @@ def _train(cfg: Config, info: DistInfo, device: torch.device, started: float) ->
         # every step's supervised-token count over all ranks, from the epoch's plan: the loss
         # normaliser is known before the forward, with no collective and no host sync
         n_global = loader.step_supervised_counts(t.grad_accum)
-        batches = Prefetcher(loader.iter_from(min(skip * t.grad_accum, len(loader))), device, depth=t.prefetch)
+        prefetch = t.prefetch if device.type == "cuda" else 0  # see the key's note in config.py
+        batches = Prefetcher(loader.iter_from(min(skip * t.grad_accum, len(loader))), device, depth=prefetch)
         last = time.perf_counter()
         for group in micro_batch_groups(batches, t.grad_accum):
             if step >= total_steps:
