@@ -244,6 +244,8 @@ def fsdp_comm_bytes_per_step(
     gathered = matmul_params * compute_bytes + (n_params - matmul_params) * 4
     if p.strategy != "fsdp_grad_op":
         gathered += matmul_params * compute_bytes + norm_params * 4  # the blocks, re-gathered in backward
-    within = (shard - 1) / shard * (micro_batches * gathered + n_params * grad_bytes)
-    across = 2 * (replicas - 1) / replicas * n_params * grad_bytes / shard
+    # only parameters with a gradient are reduced (FSDP2 skips frozen ones: LoRA's base weights)
+    n_trained = sum(t.numel() for t in p.inner.parameters() if t.requires_grad)
+    within = (shard - 1) / shard * (micro_batches * gathered + n_trained * grad_bytes)
+    across = 2 * (replicas - 1) / replicas * n_trained * grad_bytes / shard
     return int(within + across)

@@ -188,6 +188,11 @@ def test_lora_under_ddp_and_fsdp2_matches_one_process(strategy, extra, single, c
     assert len(got) == STEPS and got == pytest.approx(want, rel=1e-4)
     s = json.loads((run / "summary.json").read_text())
     assert s["trainable_params"] == ref["trainable_params"] and s["world_size"] == 2
+    if strategy == "ddp":
+        # DDP's hook measures what is all-reduced: the adapters' fp32 gradients only (at W=2 a
+        # ring sends 2 (W-1)/W = 1x them), not the frozen base's; the FSDP figure is computed
+        # on the same rule (parallel.fsdp_comm_bytes_per_step)
+        assert s["comm_bytes_per_step"] == s["trainable_params"] * 4
     # the learned updates W - W_base agree. Not element by element: AdamW's first steps move
     # each weight by about lr·sign(g), so a gradient entry near 0 whose sign flips with the
     # reduction order moves the other way; the loss curve above is the exact check.
