@@ -63,6 +63,12 @@ class ModelConfig:
     """Dropout on embeddings, attention and residuals; 0 for fine-tuning is usual."""
     pad_vocab_to: int = 64
     """Round the embedding rows up to a multiple of this (50257 -> 50304); 1 = no padding."""
+    attention: Literal["auto", "sdpa_mask", "flex"] = "auto"
+    """Kernel for rows that carry document ids (each packed example attends only to itself).
+    `sdpa_mask`: SDPA with a dense boolean mask (any device, supports dropout). `flex`:
+    compiled flex_attention with a block mask (no dropout; no backward on a CPU). `auto`:
+    flex on CUDA, sdpa_mask on a CPU or with dropout. Rows without document ids always
+    use plain causal SDPA."""
 
 
 @dataclass
@@ -488,6 +494,7 @@ def validate(cfg: Config) -> None:
     _require(m.block_size > 0, "model.block_size", f"must be positive, got {m.block_size}")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.pad_vocab_to >= 1, "model.pad_vocab_to", f"must be >= 1, got {m.pad_vocab_to}")
+    _require(m.attention != "flex" or m.dropout == 0.0, "model.attention", "'flex' has no dropout; set model.dropout to 0")
 
     _require(cfg.train.prefetch >= 0, "train.prefetch", f"must be >= 0, got {cfg.train.prefetch}")
     _require(d.seq_len >= 2, "data.seq_len", f"must be >= 2, got {d.seq_len}")

@@ -22,6 +22,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from distrib_gpt.attention import BACKENDS, DocumentMask, attend, document_mask, resolve_backend
+
 # n_layer, n_head, n_embd of the four released GPT-2 checkpoints.
 GPT_SHAPES: dict[str, tuple[int, int, int]] = {
     "gpt2": (12, 12, 768),  # 124M params
@@ -51,6 +53,11 @@ class GPTConfig:
     # matmuls with dimensions that are multiples of 64 run noticeably faster on
     # GPUs (50257 -> 50304). 0 or 1 means no padding.
     pad_vocab_to: int = 64
+    # Kernel for document-masked attention (forward with doc_ids): "auto" picks the
+    # fastest one for the device, or "sdpa_mask" / "flex" (see attention.py). Plain
+    # causal rows (doc_ids=None) always use is_causal SDPA. Not a shape field: any
+    # value loads any checkpoint, and old config.json files without it get "auto".
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -68,6 +75,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"GPTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if self.attention not in BACKENDS:
+            raise ValueError(f"GPTConfig.attention must be one of {BACKENDS}, got {self.attention!r}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -104,18 +113,17 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: DocumentMask | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension.
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        # The fused kernel (flash / memory-efficient attention where available)
-        # applies the causal mask and the 1/sqrt(head_dim) scale itself.
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        # mask None: causal attention with the fused kernel (flash / memory-efficient
+        # where available); otherwise causal within each document (attention.py).
+        # Either way the kernel applies the 1/sqrt(head_dim) scale itself.
+        y = attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
         # Put the heads back side by side.
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -147,8 +155,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, mask: DocumentMask | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -215,6 +223,8 @@ class GPT(nn.Module):
         reduction: str = "mean",
         return_logits: bool = True,
         target_index: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]:
         """Logits (B, T, vocab_size) for token ids idx (B, T).
 
@@ -231,6 +241,14 @@ class GPT(nn.Module):
         as `Batch.target_index` holds them) saves finding them with nonzero(), which
         makes the host wait for the device; it must match targets (not checked, since
         checking would wait too). Only return_logits=False uses it.
+
+        Packed rows hold several examples end to end. doc_ids (B, T; any integer
+        dtype, equal within one example, padding may be one more id) makes each token
+        attend only to earlier-or-same tokens of its own example, with the kernel
+        config.attention picks. position_ids (B, T) index the position embedding
+        instead of 0..T-1, so each example can start at position 0 as it would alone
+        (values must be < block_size; not checked, since checking would wait too).
+        Both None: plain causal attention over the row and positions 0..T-1.
         """
         B, T = idx.size()
         if T > self.config.block_size:
@@ -241,17 +259,26 @@ class GPT(nn.Module):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if targets is not None and targets.shape != (B, T):
             raise ValueError(f"targets must have shape {(B, T)}, got {tuple(targets.shape)}")
+        for name, t in (("doc_ids", doc_ids), ("position_ids", position_ids)):
+            if t is not None and t.shape != (B, T):
+                raise ValueError(f"{name} must have shape {(B, T)}, got {tuple(t.shape)}")
 
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        if position_ids is None:
+            position_ids = torch.arange(T, dtype=torch.long, device=idx.device)
         tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
-        pos_emb = self.transformer.wpe(pos)  # (T, n_embd), broadcast over B
+        pos_emb = self.transformer.wpe(position_ids)  # (T, n_embd) broadcast over B, or (B, T, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
+        # One mask for all layers, built for the kernel that will use it.
+        mask = None
+        if doc_ids is not None:
+            dropout_p = self.config.dropout if self.training else 0.0
+            mask = document_mask(doc_ids, resolve_backend(self.config.attention, idx.device, dropout_p))
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training:
                 # keep only the block's input; recompute its activations in backward
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, mask, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, mask)
         x = self.transformer.ln_f(x)
 
         if targets is None:
@@ -291,10 +318,10 @@ class GPT(nn.Module):
         validated, without loading its weights: what every FSDP rank needs to build the
         empty model that rank 0 then fills (train.build_parallel_model).
 
-        Only dropout (default 0.0) and pad_vocab_to may be overridden; the shape
-        comes from the checkpoint.
+        Only dropout (default 0.0), pad_vocab_to and attention may be overridden;
+        the shape comes from the checkpoint.
         """
-        allowed = {"dropout", "pad_vocab_to"}
+        allowed = {"dropout", "pad_vocab_to", "attention"}
         known = {f.name for f in fields(GPTConfig)}
         for key in overrides:
             if key in _SHAPE_FIELDS:
@@ -346,8 +373,8 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path: str, **overrides) -> GPT:
         """Load Hugging Face GPT-2 weights from a hub id (e.g. "gpt2") or a local directory.
 
-        Only dropout (default 0.0) and pad_vocab_to may be overridden; the shape
-        comes from the checkpoint (config_from_pretrained checks both).
+        Only dropout (default 0.0), pad_vocab_to and attention may be overridden;
+        the shape comes from the checkpoint (config_from_pretrained checks both).
         """
         config = cls.config_from_pretrained(name_or_path, **overrides)
         model = cls(config)

@@ -78,14 +78,15 @@ class TrainingError(RuntimeError):
 def build_model(cfg: Config) -> GPT:
     m = cfg.model
     if m.init == "pretrained":
-        model = GPT.from_pretrained(m.pretrained_path or m.name, dropout=m.dropout, pad_vocab_to=m.pad_vocab_to)
+        model = GPT.from_pretrained(m.pretrained_path or m.name, dropout=m.dropout, pad_vocab_to=m.pad_vocab_to,
+                                    attention=m.attention)
         if model.config.block_size < cfg.data.seq_len:
             raise ConfigError(
                 f"data.seq_len: {cfg.data.seq_len} exceeds the pretrained model's {model.config.block_size} positions"
             )
         return model
     shape = {k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd") if getattr(m, k) is not None}
-    common = dict(block_size=m.block_size, dropout=m.dropout, pad_vocab_to=m.pad_vocab_to)
+    common = dict(block_size=m.block_size, dropout=m.dropout, pad_vocab_to=m.pad_vocab_to, attention=m.attention)
     if m.name == "custom":
         return GPT(GPTConfig(**shape, **common))
     return GPT(GPTConfig.from_name(m.name, **shape, **common))
@@ -116,7 +117,8 @@ def build_parallel_model(cfg: Config, policy: PrecisionPolicy, info: DistInfo, d
         # pretrained: every rank reads the checkpoint's config; only rank 0 reads the weights
         config = None
         if m.init == "pretrained":
-            config = GPT.config_from_pretrained(m.pretrained_path or m.name, dropout=m.dropout, pad_vocab_to=m.pad_vocab_to)
+            config = GPT.config_from_pretrained(m.pretrained_path or m.name, dropout=m.dropout, pad_vocab_to=m.pad_vocab_to,
+                                                attention=m.attention)
         with torch.device("meta"):  # shapes only, no storage
             model = GPT(config) if config else build_model(cfg)
             if cfg.lora.enabled:

@@ -156,8 +156,10 @@ def test_slow_checkpoint_saves_are_not_training_time(tmp_path, monkeypatch):
     plain_step = max(statistics.median(step_times("a")), statistics.median(step_times("b")))
     assert statistics.median(step_times("s")) < plain_step + sleep_s / 2  # charged a save, it would be >= + sleep_s
     assert saving["epoch_time_s"][0] < saving["checkpoint_time_total_s"]
+    # tokens/s of 4 timed tiny steps is noisy (the step after a 1 s sleep also wakes idle
+    # threads); charged the saves, it would be 1 s + a step per step: far below a quarter
     slowest_plain = min(plain_a["tokens_per_s"], plain_b["tokens_per_s"])
-    assert saving["tokens_per_s"] > 0.5 * slowest_plain
+    assert saving["tokens_per_s"] > 0.25 * slowest_plain
     assert plain_a["checkpoint_time_s"] == [] and plain_a["checkpoint_time_total_s"] == 0
 
 
