@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -83,6 +84,7 @@ def spec_peak_flops(device: torch.device, precision: str) -> Optional[float]:
     return None if tflops is None else tflops * 1e12
 
 
+@functools.lru_cache(maxsize=None)  # once per process and (device, dtype): the machine does not change
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, budget_s: float = 0.5) -> float:
     """FLOP/s of the fastest square Linear-layer product this device runs in `dtype`, within about
     `budget_s` seconds: sizes double from 256 (up to 2048 on a CPU, 8192 on a GPU) while one

@@ -75,21 +75,31 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------- setup
 
 
-def build_model(cfg: Config) -> GPT:
+def model_config(cfg: Config) -> GPTConfig:
+    """The GPTConfig of `cfg.model`: the checkpoint's shape for pretrained init (its config
+    only, no weights), else the named or custom shape. Checked against data.seq_len."""
     m = cfg.model
+    common = dict(dropout=m.dropout, pad_vocab_to=m.pad_vocab_to, attention=m.attention)
     if m.init == "pretrained":
-        model = GPT.from_pretrained(m.pretrained_path or m.name, dropout=m.dropout, pad_vocab_to=m.pad_vocab_to,
-                                    attention=m.attention)
-        if model.config.block_size < cfg.data.seq_len:
-            raise ConfigError(
-                f"data.seq_len: {cfg.data.seq_len} exceeds the pretrained model's {model.config.block_size} positions"
-            )
-        return model
+        config = GPT.config_from_pretrained(m.pretrained_path or m.name, **common)
+        if config.block_size < cfg.data.seq_len:
+            raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the pretrained model's {config.block_size} positions")
+        return config
     shape = {k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd") if getattr(m, k) is not None}
-    common = dict(block_size=m.block_size, dropout=m.dropout, pad_vocab_to=m.pad_vocab_to, attention=m.attention)
     if m.name == "custom":
-        return GPT(GPTConfig(**shape, **common))
-    return GPT(GPTConfig.from_name(m.name, **shape, **common))
+        return GPTConfig(**shape, block_size=m.block_size, **common)
+    return GPTConfig.from_name(m.name, **shape, block_size=m.block_size, **common)
+
+
+def build_model(cfg: Config) -> GPT:
+    """The model of `cfg.model` with its initial weights: the pretrained checkpoint's, or
+    GPT-2's init from the current RNG state."""
+    config = model_config(cfg)
+    if cfg.model.init == "pretrained":
+        m = cfg.model
+        return GPT.from_pretrained(m.pretrained_path or m.name, dropout=config.dropout,
+                                   pad_vocab_to=config.pad_vocab_to, attention=config.attention)
+    return GPT(config)
 
 
 def build_parallel_model(cfg: Config, policy: PrecisionPolicy, info: DistInfo, device: torch.device, log) -> Parallelized:
@@ -113,14 +123,9 @@ def build_parallel_model(cfg: Config, policy: PrecisionPolicy, info: DistInfo, d
         return model
 
     if fsdp:
-        m = cfg.model
-        # pretrained: every rank reads the checkpoint's config; only rank 0 reads the weights
-        config = None
-        if m.init == "pretrained":
-            config = GPT.config_from_pretrained(m.pretrained_path or m.name, dropout=m.dropout, pad_vocab_to=m.pad_vocab_to,
-                                                attention=m.attention)
+        # every rank reads the config (a pretrained checkpoint's too); only rank 0 reads weights
         with torch.device("meta"):  # shapes only, no storage
-            model = GPT(config) if config else build_model(cfg)
+            model = GPT(model_config(cfg))
             if cfg.lora.enabled:
                 apply_lora(model, cfg.lora)
     else:
