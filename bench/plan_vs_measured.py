@@ -106,7 +106,7 @@ def _saved_for_backward(model: nn.Module, batch: Batch, policy) -> tuple[int, to
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), policy.autocast():
-        _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False)
+        _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False, **batch.model_inputs())
     return sum(storages.values()), loss
 
 

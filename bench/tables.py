@@ -433,6 +433,70 @@ def table_plan_vs_measured(r: Results) -> str:
     return "\n\n".join([md_table(header, rows, {5, 6, 7}), summary, provenance(r, settings)])
 
 
+# ------------------------------------------------------------------------------ packing.json
+
+BATCHING_LABELS = {
+    "pad": "(a) `pad`: one example per row",
+    "pack": "(b) `pack`: document-masked",
+    "pack_concat": "(c) `pack_concat`: cross-attending",
+}
+CONTROL_LABEL = "(a') `pad` without length bucketing (control)"
+
+
+def _packing_settings(r: Results) -> str:
+    s = lambda key: r.need("settings", key)  # noqa: E731
+    return (
+        f"Settings: {s('n_layer')} layers, {s('n_head')} heads, {s('n_embd')} wide, GPT-2 vocabulary, random "
+        f"init (seed {s('seed')}), fp32; rows of {s('seq_len')} tokens; {s('rows')} packed rows per micro-batch, "
+        f"`pad` the same number of examples per step; AdamW lr {s('lr')}; the first {num(s('examples'))} records "
+        "of each data set."
+    )
+
+
+def table_packing_quality(r: Results) -> str:
+    """Validation loss of each mode's model, every example evaluated alone from position 0."""
+    steps = r.need("settings", "steps")
+    rows = []
+    for mode, label in (BATCHING_LABELS | {"pad_unbucketed": CONTROL_LABEL}).items():
+        row = [label]
+        for name in ("bundled", "synthetic"):
+            m = r.need("quality", name, "modes", mode)
+            row += [f"{m['val_loss_alone']:.3f}", f"{m['padding_fraction']:.1%}"]
+        rows.append(row)
+    header = ["batching", "bundled sample: val loss", "padding", "synthetic copy task: val loss", "padding"]
+    per_row = ", ".join(
+        f"{name} {r.need('quality', name, 'examples_per_packed_row'):.2f}" for name in ("bundled", "synthetic")
+    )
+    text = (
+        f"Each model trained {steps} optimizer steps, then evaluated on every validation example alone "
+        f"(`distrib-gpt eval ... data.batching=pad`). Mean examples per packed row: {per_row}."
+    )
+    return "\n\n".join([md_table(header, rows, {1, 2, 3, 4}), text, _packing_settings(r), provenance(r)])
+
+
+def table_packing_padding(r: Results) -> str:
+    """Padding fraction per mode and seq_len (the loader's batches, no training)."""
+    by_seq = r.need("padding_by_seq_len")
+    header = ["batching"] + [f"seq_len {seq}" for seq in by_seq]
+    rows = [[f"`{m}`"] + [f"{by_seq[seq][m]:.1%}" for seq in by_seq] for m in BATCHING_LABELS]
+    text = f"The whole bundled sample, {r.need('settings', 'rows')} rows a batch, epoch 0."
+    return "\n\n".join([md_table(header, rows, set(range(1, len(header)))), text, provenance(r)])
+
+
+def table_packing_speed(r: Results) -> str:
+    """Real tokens/s of the three modes, interleaved rounds."""
+    rounds, med = r.need("speed_tokens_per_s"), r.need("speed_median_tokens_per_s")
+    labels = BATCHING_LABELS | {"pad_unbucketed": CONTROL_LABEL}
+    rows = [[labels[m], ", ".join(num(x) for x in rounds[m]), num(med[m]), ratio(med["pack"] / med[m])] for m in med]
+    header = ["batching", "real tokens/s per round", "median", "`pack` / this"]
+    text = (
+        f"{r.need('settings', 'speed_steps')} optimizer steps a run on the bundled sample, each run a fresh process, "
+        f"{r.need('settings', 'rounds')} rounds in rotating order. Other processes used "
+        f"{r.need('other_cpu_share'):.0%} of the CPUs during the benchmark."
+    )
+    return "\n\n".join([md_table(header, rows, {1, 2, 3}), text, _packing_settings(r), provenance(r)])
+
+
 # ----------------------------------------------------------------------------------- docs
 
 TABLES: dict[str, tuple[str, Callable[[Results], str]]] = {
@@ -444,6 +508,9 @@ TABLES: dict[str, tuple[str, Callable[[Results], str]]] = {
     "int8_kernels": ("int8_inference.json", table_int8_kernels),
     "int8_targets": ("int8_inference.json", table_int8_targets),
     "plan_vs_measured": ("plan_vs_measured.json", table_plan_vs_measured),
+    "packing_padding": ("packing.json", table_packing_padding),
+    "packing_quality": ("packing.json", table_packing_quality),
+    "packing_speed": ("packing.json", table_packing_speed),
 }
 
 

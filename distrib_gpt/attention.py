@@ -39,7 +39,10 @@ BACKENDS = ("auto", "sdpa_mask", "flex")
 # causal / sdpa_mask / flex: forward, 4 heads x 32 (quickstart): 3.3 / 3.5 / 7.9;
 # forward, 12 heads x 64 (GPT-2 small): 7.0 / 5.4 / 38.4; forward+backward, the
 # same two shapes, causal / sdpa_mask: 7.8 / 16.6 and 19.3 / 23.5. Flex also compiles
-# for 1-15 s per new shape.
+# for 1-15 s per new shape. Computing attention per example instead (each example's
+# q/k/v gathered into length groups, is_causal SDPA per group, scattered back) was
+# tried too: the gathers and the extra calls made it slower than the dense mask at the
+# quickstart shape, so it was not kept.
 _CPU_AUTO = "sdpa_mask"
 
 
@@ -123,7 +126,10 @@ def _flex_attention():
     Inside a region torch.compile is already tracing (parallel.py compiles each block)
     the plain function is returned, for the outer compile to trace. Otherwise one
     torch.compile'd wrapper serves the process; it caches its graphs per input shape, so
-    a new T compiles again (once).
+    a new T compiles again (once). dynamic=False: after a second shape torch.compile would
+    otherwise build one shape-generic kernel, and inductor's CPU code for a shape-generic
+    flex kernel with a document mask does not compile (torch 2.13: "cur_qSplitSize8 was
+    not declared"; tests/test_packing.py meets it with the epoch's smaller last batch).
     """
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
@@ -131,5 +137,5 @@ def _flex_attention():
     if torch.compiler.is_compiling():
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex

@@ -102,9 +102,12 @@ class DataConfig:
     """Seed of the train/validation split."""
     max_examples: Optional[int] = None
     """Use only the first N records of the source (after validation), e.g. for smoke runs."""
-    batching: Literal["pack", "pad"] = "pack"
-    """`pack`: examples joined with end-of-text into full blocks (no padding).
-    `pad`: one example per row, length-bucketed, padded to the longest in the batch."""
+    batching: Literal["pack", "pack_concat", "pad"] = "pack"
+    """`pack`: whole examples placed into rows of seq_len tokens, each attending only to
+    itself, at positions from 0 (document-masked; for instruction data). `pack_concat`:
+    the same rows read as one text, each example seeing those before it in its row (for
+    plain-text pretraining). `pad`: one example per row, length-bucketed, padded to the
+    longest in the batch. docs/data.md compares their quality and speed."""
     cache_dir: str = "data_cache"
     """Where `prepare` writes tokenized shards; reused when the manifest matches."""
     shard_tokens: int = 50_000_000

@@ -146,9 +146,12 @@ class StepWork:
     positions: int
     """Input positions that go through the transformer blocks (real tokens; pads excluded)."""
     attention_pairs: int
-    """Query-key pairs attention multiplies: the sum over rows of (row length)^2. Causal
-    attention needs only the lower half, but the kernels (and FlopCounterMode) compute the
-    full square, so it is counted the usual way (PaLM, nanoGPT)."""
+    """Query-key pairs attention needs: the sum over the sequences that attend to themselves
+    of (length)^2, where a sequence is a row (pad, pack_concat) or one example of a packed
+    row (pack: document-masked, so pairs across examples are not model work, whatever the
+    kernel executes; the dense-mask kernel computes the row's full square). Causal attention
+    needs only the lower half, but the kernels (and FlopCounterMode) compute the full square,
+    so it is counted the usual way (PaLM, nanoGPT)."""
     supervised: int
     """Positions with a target: the only ones the LM head runs at (`GPT.forward`)."""
 

@@ -635,7 +635,7 @@ def eval_loss(model: GPT, loader, max_batches: int | None, device: torch.device)
         if j >= limit:
             break
         batch = batch.to(device)
-        _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False)
+        _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False, **batch.model_inputs())
         total += float(loss)
         count += batch.n_supervised
         n += 1

@@ -1003,7 +1003,8 @@ def data_text(runs: Sequence[Run]) -> str:
         else "response tokens only (prompt tokens masked)"
     )
     batching = {
-        "pack": "packed into full sequences separated by end-of-text",
+        "pack": "holding whole examples packed per row, each attending only to itself from position 0",
+        "pack_concat": "holding whole examples packed per row and read as one text (cross-attending)",
         "pad": "one example per row, padded per batch",
     }
     return (

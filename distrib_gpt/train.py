@@ -38,7 +38,7 @@ from . import metrics as M
 from .checkpoint import Checkpointer, resolve_resume, save_adapter, save_consolidated
 from .config import Config, ConfigError, save_config
 from .data import BatchLoader, DataError, Prepared, TokenizedSplit, prepare_data
-from .data.loader import Batch, Prefetcher
+from .data.loader import PLAN_VERSION, Batch, Prefetcher
 from .distributed import (
     DistInfo,
     all_reduce,
@@ -168,6 +168,14 @@ def check_resumable(state: dict, cfg: Config, global_batch: int, manifest_key: s
     for name, (saved, now, keys) in same.items():
         if saved != now:
             raise ConfigError(f"resume: the checkpoint has {name}={saved} but this run has {now} (set by {keys})")
+    # checkpoints from before PLAN_VERSION 2 packed by cutting one stream into blocks:
+    # their epoch plan no longer exists, so the batches after the checkpoint cannot be replayed
+    if cfg.data.batching != "pad" and state.get("batch_plan", 1) != PLAN_VERSION:
+        raise ConfigError(
+            f"resume: the checkpoint was made with the packing of batch plan {state.get('batch_plan', 1)} "
+            f"(examples cut across blocks), this version packs whole examples (plan {PLAN_VERSION}); "
+            "its remaining batches cannot be replayed exactly: start a new run"
+        )
 
 
 def create_run_dir(cfg: Config, resumed_step: Optional[int] = None) -> Path:
@@ -236,8 +244,7 @@ def train_step(
         batch = batch.to(device, non_blocking=True)
         with gradient_sync(par, sync=i == len(micro_batches) - 1):
             with policy.autocast():
-                _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False,
-                                target_index=batch.target_index)
+                _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False, **batch.model_inputs())
             loss_sum += loss.detach().double()
             loss = loss * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -295,8 +302,7 @@ def evaluate(
             break
         batch = batch.to(device, non_blocking=True)
         with policy.autocast():
-            _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False,
-                            target_index=batch.target_index)
+            _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False, **batch.model_inputs())
         if info.rank + j * info.world_size < limit:  # not one of the repeats that pad the list
             total += loss.double()
             count += batch.n_supervised
@@ -449,8 +455,8 @@ def _train(cfg: Config, info: DistInfo, device: torch.device, started: float) ->
         real, pad = all_reduce(info, [throughput.real_tokens_total, throughput.pad_tokens_total])
         state = {
             "step": step, "epoch": next_epoch, "step_in_epoch": step_in_epoch,
-            "global_batch_sequences": global_batch, "batching": d.batching, "seq_len": d.seq_len,
-            "data_manifest_key": prepared.manifest["key"], "seed": cfg.run.seed,
+            "global_batch_sequences": global_batch, "batching": d.batching, "batch_plan": PLAN_VERSION,
+            "seq_len": d.seq_len, "data_manifest_key": prepared.manifest["key"], "seed": cfg.run.seed,
             "world_size": info.world_size, "strategy": cfg.parallel.strategy,
             "model_config": dataclasses.asdict(mc), "config_hash": cfg.hash(), "config": cfg.to_dict(),
             "lora": dataclasses.asdict(cfg.lora) if cfg.lora.enabled else None,

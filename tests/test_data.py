@@ -18,6 +18,7 @@ from distrib_gpt.config import DataConfig
 from distrib_gpt.data import BatchLoader, DataError, TokenizedSplit, format_prompt, load_records, prepare_data
 from distrib_gpt.data import prepare as prepare_mod
 from distrib_gpt.data import sources as sources_mod
+from distrib_gpt.data.loader import PAD_DOC_ID, first_fit_decreasing
 from distrib_gpt.data.templates import ALPACA_PROMPT, DOLLY_PROMPT_WITH_CONTEXT
 from distrib_gpt.tokenizer import EOT_ID, gpt2_encoding
 
@@ -510,18 +511,21 @@ def train_split(tmp_path) -> TokenizedSplit:
     return TokenizedSplit.open(prepared.dir, "train")
 
 
-def _examples_from_pack(batches, n_tokens: int) -> list[tuple]:
-    """Undo packing: block inputs laid end to end are the stream (blocks overlap by one
-    token only through their targets); padding sits only at the very end."""
-    x = np.concatenate([b.input_ids.reshape(-1).numpy() for b in batches])
-    n_real = sum(b.n_real_tokens for b in batches)
-    stream = x[:n_real]
-    if n_real == n_tokens - 1:  # the last token is only ever a target
-        assert batches[-1].labels.reshape(-1)[-1 - batches[-1].n_pad] == EOT_ID
-        stream = np.append(stream, EOT_ID)
-    assert len(stream) == n_tokens
-    ends = np.flatnonzero(stream == EOT_ID)
-    return [tuple(x) for x in np.split(stream, ends + 1)[:-1]]
+def _examples_from_pack(batches) -> list[tuple]:
+    """Undo document-masked packing with the batches' document ids: an example is the
+    inputs of one id, plus the row's last token when it ends a full row (that token,
+    the example's end-of-text, is then a target only)."""
+    out = []
+    for b in batches:
+        for r in range(b.input_ids.shape[0]):
+            x, doc = b.input_ids[r].tolist(), b.doc_ids[r].tolist()
+            ids = sorted(set(doc) - {PAD_DOC_ID})
+            for d in ids:
+                ex = [t for t, i in zip(x, doc) if i == d]
+                if d == ids[-1] and b.labels[r, -1] != -100:  # its end-of-text (always a target)
+                    ex.append(int(b.labels[r, -1]))
+                out.append(tuple(ex))
+    return out
 
 
 def _examples_from_pad(batches) -> list[tuple]:
@@ -543,17 +547,75 @@ def test_pack_and_pad_supervise_the_same_tokens(train_split):
 
     assert sum(b.n_supervised for b in pack) == sum(b.n_supervised for b in pad) == train_split.n_supervised
     assert targets(pack) == targets(pad)
-    # and the same examples, each exactly once
+    # and the same examples, each exactly once and whole
     stored = sorted(tuple(train_split.example(i)[0].tolist()) for i in range(train_split.n_examples))
-    assert sorted(_examples_from_pack(pack, train_split.n_tokens)) == stored
+    assert sorted(_examples_from_pack(pack)) == stored
     assert sorted(_examples_from_pad(pad)) == stored
     # pad rows are length-bucketed: less padding than padding every row to the longest example
     naive = int((train_split.lengths.max() - train_split.lengths).sum())
     assert sum(b.n_pad for b in pad) < naive / 2
 
 
+def test_pack_rows_hold_whole_examples_at_their_own_positions(train_split):
+    seq = 64
+    for b in all_batches(BatchLoader(train_split, "pack", seq, 3, seed=5)):
+        assert b.input_ids.shape[1] == seq and b.doc_ids.shape == b.position_ids.shape == b.input_ids.shape
+        pairs = 0
+        for r in range(b.input_ids.shape[0]):
+            doc, pos = b.doc_ids[r], b.position_ids[r]
+            real = doc != PAD_DOC_ID
+            n = int(real.sum())
+            assert real[:n].all() and not real[n:].any()  # the padding is the row's tail
+            assert (b.input_ids[r, n:] == EOT_ID).all() and (b.labels[r, n:] == -100).all()
+            if n < seq:  # the last example's end-of-text is followed by padding, not a target
+                assert b.labels[r, n - 1] == -100
+            ids = doc[:n]
+            assert (ids.diff() >= 0).all() and (ids.diff() <= 1).all() and ids[0] == 0  # 0, 0, .., 1, 1, ..
+            for d in ids.unique().tolist():
+                where = (ids == d).nonzero().squeeze(1)
+                assert torch.equal(pos[where], torch.arange(len(where)))  # restart at 0 per example
+                if where[0] > 0:  # its first token is never the previous example's target
+                    assert b.labels[r, where[0] - 1] == -100
+                pairs += len(where) ** 2
+        assert b.n_attention_pairs == pairs  # what training_flops charges: per example, not per row
+
+
+def test_pack_concat_is_the_same_rows_read_as_one_text(train_split):
+    masked = all_batches(BatchLoader(train_split, "pack", 64, 3, seed=5))
+    concat = all_batches(BatchLoader(train_split, "pack_concat", 64, 3, seed=5))
+    assert len(masked) == len(concat)
+    for m, c in zip(masked, concat):
+        assert same_batch(m, c) and torch.equal(m.target_index, c.target_index)
+        assert (m.n_real_tokens, m.n_pad, m.n_supervised) == (c.n_real_tokens, c.n_pad, c.n_supervised)
+        assert c.doc_ids is None and c.position_ids is None  # plain causal rows, positions 0..T-1
+        row_real = (m.doc_ids != PAD_DOC_ID).sum(1)
+        assert c.n_attention_pairs == int((row_real**2).sum())  # a whole row attends to itself
+        assert c.n_attention_pairs > m.n_attention_pairs
+
+
+def test_first_fit_leaves_no_two_rows_that_could_be_merged(train_split):
+    """First-fit's guarantee (here one chunk holds every example): a row that another
+    row's examples would fit into would have taken them, so any two rows together exceed
+    seq_len + 1 tokens, and at most one row is at most half full."""
+    seq = 64
+    for seed in (0, 1):
+        tokens = []  # per row; a full row's last token is a target only (its label, EOT)
+        for b in all_batches(BatchLoader(train_split, "pack", seq, 2, seed=seed)):
+            tokens += ((b.doc_ids != PAD_DOC_ID).sum(1) + (b.labels[:, -1] != -100)).tolist()
+        assert sum(tokens) == train_split.n_tokens
+        assert all(a + b > seq + 1 for i, a in enumerate(tokens) for b in tokens[i + 1 :])
+        assert sum(t <= (seq + 1) / 2 for t in tokens) <= 1
+        assert len(tokens) < train_split.n_examples / 2  # several examples a row
+
+
+def test_plan_first_fit_decreasing():
+    assert first_fit_decreasing(np.array([5, 4, 3, 3, 2, 1]), 7) == [[0, 4], [1, 2], [3, 5]]
+    assert first_fit_decreasing(np.array([7, 7]), 7) == [[0], [1]]
+    assert first_fit_decreasing(np.array([], dtype=np.int64), 7) == []
+
+
 def test_batch_shapes_and_counts(train_split):
-    for mode in ("pack", "pad"):
+    for mode in ("pack", "pack_concat", "pad"):
         loader = BatchLoader(train_split, mode, 64, 4, seed=0)
         batches = all_batches(loader)
         assert len(batches) == len(loader) > 0
@@ -564,20 +626,6 @@ def test_batch_shapes_and_counts(train_split):
             assert b.n_supervised == int((b.labels != -100).sum())
             moved = b.to("cpu", non_blocking=True)
             assert torch.equal(moved.input_ids, b.input_ids) and moved.n_pad == b.n_pad
-
-
-def test_pack_pads_only_the_final_block(train_split):
-    batches = all_batches(BatchLoader(train_split, "pack", 64, 4, seed=1))
-    assert all(b.input_ids.shape == (4, 64) for b in batches[:-1])
-    assert all(b.n_pad == 0 for b in batches[:-1])
-    last = batches[-1]
-    rows = last.input_ids.shape[0]
-    n_pad_expected = rows * 64 - last.n_real_tokens
-    assert last.n_pad == n_pad_expected
-    # padding sits at the tail of the last row only
-    assert last.n_pad < 64
-    tail = last.labels[-1, 64 - last.n_pad :]
-    assert (tail == -100).all() and (last.input_ids[-1, 64 - last.n_pad :] == EOT_ID).all()
 
 
 def test_epochs_shuffle_deterministically(train_split):
@@ -596,7 +644,7 @@ def test_epochs_shuffle_deterministically(train_split):
         next(loader.iter_from(len(loader) + 1))
 
 
-@pytest.mark.parametrize("mode", ["pack", "pad"])
+@pytest.mark.parametrize("mode", ["pack", "pack_concat", "pad"])
 @pytest.mark.parametrize("batch_size", [3, 4, 5])
 def test_two_ranks(train_split, mode, batch_size):
     full = all_batches(BatchLoader(train_split, mode, 64, batch_size, seed=2))
@@ -628,8 +676,9 @@ def test_loader_rejects_bad_arguments(train_split):
         BatchLoader(train_split, "pack", 64, 4, seed=0, rank=2, world_size=2)
     with pytest.raises(ValueError):
         BatchLoader(train_split, "stack", 64, 4, seed=0)
-    with pytest.raises(ValueError, match="pad batching"):
-        BatchLoader(train_split, "pad", 8, 4, seed=0)  # examples were prepared for seq_len 64
+    for mode in ("pack", "pad"):  # examples were prepared for seq_len 64
+        with pytest.raises(ValueError, match="train split has examples of .* tokens .* holds at most 9"):
+            BatchLoader(train_split, mode, 8, 4, seed=0)
 
 
 # ------------------------------------------------------------------------------ bundled sample

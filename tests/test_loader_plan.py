@@ -19,9 +19,8 @@ from distrib_gpt.data.loader import Batch, Prefetcher
 from distrib_gpt.model import GPT, GPTConfig
 
 # (batching, seq_len, batch_size): with the split below each gives a global batch count that
-# is a multiple of neither 2 nor 3, so 2 and 3 ranks pad the list with repeats. seq_len 8
-# is shorter than most examples (pack blocks then start and end inside examples).
-LAYOUTS = [("pack", 64, 4), ("pack", 8, 7), ("pad", 64, 3), ("pad", 64, 5)]
+# is a multiple of neither 2 nor 3, so 2 and 3 ranks pad the list with repeats.
+LAYOUTS = [("pack", 64, 4), ("pack_concat", 64, 1), ("pad", 64, 3), ("pad", 64, 5)]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def test_batches_carry_their_supervised_positions(split, layout):
         assert torch.equal(b.to("cpu").target_index, b.target_index)
 
 
-@pytest.mark.parametrize("batching", ["pack", "pad"])
+@pytest.mark.parametrize("batching", ["pack", "pack_concat", "pad"])
 def test_forward_with_target_index_is_bit_identical(split, batching):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
@@ -116,7 +115,8 @@ def test_forward_with_target_index_is_bit_identical(split, batching):
 
     def loss_and_grads(**kw):
         model.zero_grad(set_to_none=True)
-        _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False, **kw)
+        _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False,
+                        doc_ids=batch.doc_ids, position_ids=batch.position_ids, **kw)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from distrib_gpt import train as T
 from distrib_gpt.checkpoint import Checkpointer, export_hf, load_consolidated
 from distrib_gpt.config import LoRAConfig, load_config
 from distrib_gpt.data import BatchLoader, TokenizedSplit, prepare_data
+from distrib_gpt.data.loader import PAD_DOC_ID
 from distrib_gpt.lora import apply_lora
 from distrib_gpt.model import GPT, GPTConfig
 
@@ -41,11 +43,28 @@ def counted_flops(model: GPT, batch) -> tuple[int, int]:
     The math SDPA backend, because the CPU's fused attention kernel is not in the counter's
     table (it would count attention as 0)."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False,
-                        target_index=batch.target_index)
+        _, loss = model(batch.input_ids, batch.labels, reduction="sum", return_logits=False, **batch.model_inputs())
         forward = counter.get_total_flops()
         loss.backward()
     return forward, counter.get_total_flops() - forward
+
+
+def counted_flops_per_example(model: GPT, batch) -> int:
+    """Forward + backward FLOPs of a batch's examples, each run alone and unpadded, as the
+    counter counts them: the model work of a document-masked packed batch (whose kernel
+    executes the row's full square)."""
+    total = 0
+    for r in range(batch.input_ids.shape[0]):
+        docs = batch.doc_ids[r] if batch.doc_ids is not None else torch.zeros_like(batch.input_ids[r])
+        for d in docs.unique().tolist():
+            if d == PAD_DOC_ID:
+                continue
+            where = (docs == d).nonzero().squeeze(1)
+            labels = batch.labels[r, where][None]
+            alone = SimpleNamespace(input_ids=batch.input_ids[r, where][None], labels=labels,
+                                    model_inputs=lambda: {})
+            total += sum(counted_flops(model, alone))
+    return total
 
 
 def loader_for(cfg, split: str = "train", **kw) -> BatchLoader:
@@ -65,15 +84,20 @@ def loader_for(cfg, split: str = "train", **kw) -> BatchLoader:
 def test_training_flops_equal_flop_counter_on_a_real_batch(tmp_path, train_on_prompt, lora_targets):
     cfg = run_cfg(tmp_path, "x", f"data.train_on_prompt={str(train_on_prompt).lower()}", "train.micro_batch_size=3")
     batch = next(iter(loader_for(cfg)))
-    share = batch.n_supervised / batch.input_ids.numel()  # an example's first token is never a target
-    assert batch.n_pad == 0 and (share > 0.9 if train_on_prompt else share < 0.6), share
+    share = batch.n_supervised / batch.n_real_tokens  # an example's first token is never a target
+    assert share > 0.9 if train_on_prompt else share < 0.6, share
     torch.manual_seed(0)
     model = GPT(GPTConfig(**SHAPE))
     if lora_targets:
         apply_lora(model, LoRAConfig(enabled=True, rank=4, targets=lora_targets))
     B, T_ = batch.input_ids.shape
-    ours = M.training_flops(model, M.StepWork(batch.n_real_tokens, B * T_ * T_, batch.n_supervised))
-    assert ours == counted_flops(model, batch)
+    # what the kernels execute: every position of the rows, the full square of each (the
+    # dense document mask hides pairs but does not skip them)
+    executed = M.training_flops(model, M.StepWork(B * T_, B * T_ * T_, batch.n_supervised))
+    assert executed == counted_flops(model, batch)
+    # the model work MFU charges: each example alone
+    work = M.StepWork(batch.n_real_tokens, batch.n_attention_pairs, batch.n_supervised)
+    assert sum(M.training_flops(model, work)) == counted_flops_per_example(model, batch)
 
 
 def test_padded_positions_are_executed_but_not_counted(tmp_path):
@@ -97,7 +121,8 @@ def test_summary_flops_and_mfu_are_those_of_the_timed_steps(tmp_path):
     loader.set_epoch(0)
     batches = list(loader)[1:3]
     model = GPT(GPTConfig(**SHAPE))  # FLOPs do not depend on the weights
-    expected = sum(sum(counted_flops(model, b)) for b in batches)
+    assert batches[0].doc_ids is not None  # packed: several examples a row, masked
+    expected = sum(counted_flops_per_example(model, b) for b in batches)
     assert s["flops_timed"] == expected
     assert s["mfu"] == pytest.approx(s["flops_timed"] / (s["timed_s"] * s["peak_flops"]), rel=1e-9)
     assert s["mfu_peak_source"] == "measured" and 0 < s["mfu"] < 1

@@ -212,3 +212,20 @@ def test_zero1_resumes_to_the_same_weights(cache, tmp_path):
     r = torchrun(args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert max_diff(weights(tmp_path / "zcut"), weights(tmp_path / "zref")) <= 1e-6
+
+
+def test_checkpoint_of_the_old_stream_packing_is_not_resumed(cache, tmp_path):
+    """A `pack` checkpoint from before document-masked packing (batch plan 1, no
+    `batch_plan` in its state) cannot replay its remaining batches: resume refuses it."""
+    from distrib_gpt.config import ConfigError
+
+    T.train(load_config(None, overrides(cache, tmp_path, "old", "train.micro_batch_size=8", "train.max_steps=3", "train.epochs=1")))
+    ckpt = tmp_path / "old" / "checkpoints" / "step_00000002"
+    state_file = ckpt / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["batching"] == "pack" and state["batch_plan"] == 2
+    del state["batch_plan"]
+    state_file.write_text(json.dumps(state))
+    again = overrides(cache, tmp_path, "new", "train.micro_batch_size=8", "train.epochs=1", f"resume={ckpt}")
+    with pytest.raises(ConfigError, match="batch plan 1 .* whole examples .*start a new run"):
+        T.train(load_config(None, again))

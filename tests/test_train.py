@@ -58,7 +58,7 @@ def test_each_precision_trains_end_to_end(tmp_path, precision):
     assert on_disk["peak_gpu_mem_bytes"] is None and on_disk["mfu_peak_source"] == "measured" and 0 < on_disk["mfu"] < 1
     assert on_disk["peak_host_rss_bytes"] > 50 * 2**20
     assert on_disk["params"] == on_disk["trainable_params"] > 0
-    assert on_disk["padding_fraction"] < 0.05  # packing pads only an epoch's last block
+    assert on_disk["padding_fraction"] < 0.1  # whole examples a row; at seq_len 64 many fill one alone (7%)
     ckpt = run_dir / "checkpoint"
     assert on_disk["checkpoint_bytes"] == ckpt.stat().st_size + sum(p.stat().st_size for p in ckpt.iterdir())
     if precision == "tf32":

@@ -1,26 +1,36 @@
 """Batches from prepared shards: memory-mapped, deterministic, rank-aware.
 
-Two ways to turn examples into (B, T) batches:
+Three ways to turn examples into (B, T) batches (`data.batching`):
 
-- `pack` (nanoGPT style): each epoch the examples (each ending in EOT) are laid end to end
-  in a stream, in an order shuffled by (seed, epoch); the stream is cut into blocks of
-  seq_len + 1 tokens with stride seq_len, so x = block[:-1], y = block[1:] and every stream
-  position after the first is a target exactly once. Only the final block is partial; it
-  is padded, so no supervised token is lost. No compute goes to padding, but a row's
-  context may include the end of the previous example (it is separated by EOT).
-- `pad`: one example per row, padded to the longest in its batch. Examples are shuffled,
-  cut into chunks of batch_size * 50, each chunk sorted by length and cut into batches
-  (length bucketing keeps padding low), then the batch order is shuffled.
+- `pack` (the default for instruction data): whole examples are packed into rows of
+  seq_len + 1 tokens (x = row[:-1], y = row[1:]); no example is split across rows. Each
+  row carries per-token document ids and per-example position ids that restart at 0, so
+  the model attends only within an example and sees every example at the positions it is
+  asked from at generation time (model.py, attention.py). A row's tail that no further
+  example fits into is padding: not attended to, not counted.
+- `pack_concat`: the same rows, read as one text: plain causal attention across the
+  examples of a row and positions 0..T-1 (GPT-2 pretraining's choice for plain text; for
+  instruction data it trains examples in the context of unrelated ones).
+- `pad`: one example per row, padded to the longest in its batch.
+
+Placement (both packs): each epoch the examples are shuffled by (seed, epoch) and cut into
+chunks of PACK_CHUNK_EXAMPLES; each chunk is placed longest first into the first row
+with room (first-fit decreasing), which leaves little padding while the rows still mix
+examples from all of the chunk; then the rows are shuffled and cut into batches of
+batch_size rows. Pad batching cuts the shuffled order into chunks of batch_size * 50,
+sorts each chunk by length, cuts batches and shuffles them (length bucketing).
 
 Labels are -100 (ignored by cross-entropy) where the target token is not supervised (its
 mask is 0) or is padding; padding uses EOT as the input id. Because token 0 of an example
-is never supervised (see prepare.py), both modes supervise exactly the same tokens.
+is never supervised (see prepare.py), every mode supervises exactly the same tokens, and
+the first token of the next example in a row is never a target of the previous one.
 
-Distributed: the epoch's global batch list is a pure function of (data, seed, epoch), the
-same on every rank. Rank r takes batches r, r + world_size, r + 2 * world_size, ... When
-the count is not a multiple of world_size, the list is padded by repeating batches from
-its start (as torch's DistributedSampler does), so every rank runs the same number of
-steps; those few repeated batches are seen twice in that epoch.
+An epoch's plan is the example ids of every row of every global batch: a pure function of
+(data, seed, epoch, seq_len, batch_size), the same on every rank. Rank r takes global
+batches r, r + world_size, r + 2 * world_size, ... When the count is not a multiple of
+world_size, the list is padded by repeating batches from its start (as torch's
+DistributedSampler does), so every rank runs the same number of steps; those few
+repeated batches are seen twice in that epoch.
 """
 
 from __future__ import annotations
@@ -40,7 +50,18 @@ import torch
 from distrib_gpt.tokenizer import EOT_ID
 
 IGNORE_INDEX = -100
+BATCHINGS = ("pack", "pack_concat", "pad")
 PAD_BUCKET_BATCHES = 50  # pad mode sorts by length within chunks of batch_size * 50 examples
+# Packing places this many consecutive examples of the shuffled order at a time. Larger
+# chunks pad less (only a chunk's last few rows are loosely filled) but keep examples
+# near their place in the shuffled order less; measured on the bundled Dolly sample at
+# seq_len 1024 in docs/data.md.
+PACK_CHUNK_EXAMPLES = 2048
+# Bumped whenever some mode's epoch plan changes, so that a checkpoint is never resumed
+# on other batches than it would have seen (train.check_resumable). 1: `pack` cut one
+# stream of examples into blocks; 2: whole examples placed first-fit (pad unchanged).
+PLAN_VERSION = 2
+PAD_DOC_ID = -1  # document id of a packed row's padding tail: no real token attends to it
 
 
 class TokenizedSplit:
@@ -159,27 +180,79 @@ class Batch:
     n_pad: int
     """Padding input positions; padding fraction = n_pad / (n_pad + n_real_tokens)."""
     n_attention_pairs: int = 0
-    """Query-key pairs among real positions: the sum over rows of (real length)^2, what
-    metrics.training_flops charges attention for."""
+    """Query-key pairs attention needs among real positions: the sum over the sequences
+    that attend to themselves (an example in `pack` and `pad`, a whole row in
+    `pack_concat`) of their length squared; what metrics.training_flops charges."""
     target_index: torch.Tensor | None = None
     """(n_supervised,) int64 indices into labels.reshape(-1) of the supervised positions, for
     `GPT.forward(..., target_index=)`: finding them on the device would be a nonzero(), whose
     result size the host must wait for. None in batches built by hand."""
+    doc_ids: torch.Tensor | None = None
+    """(B, T) int64, `pack` only: which example of its row each position belongs to (0, 1,
+    ...; the padding tail PAD_DOC_ID), for `GPT.forward(..., doc_ids=)`."""
+    position_ids: torch.Tensor | None = None
+    """(B, T) int64, `pack` only: each position's index within its example (padding: 0)."""
+
+    _TENSORS = ("input_ids", "labels", "target_index", "doc_ids", "position_ids")
+
+    def model_inputs(self) -> dict:
+        """The keyword arguments GPT.forward takes from a batch besides (input_ids, labels)."""
+        return {"target_index": self.target_index, "doc_ids": self.doc_ids, "position_ids": self.position_ids}
+
+    def _map(self, fn) -> "Batch":
+        return dataclasses.replace(self, **{k: fn(getattr(self, k)) for k in self._TENSORS if getattr(self, k) is not None})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return t.to(device, non_blocking=non_blocking) if t is not None else None
-
-        return dataclasses.replace(self, input_ids=move(self.input_ids), labels=move(self.labels),
-                                   target_index=move(self.target_index))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
         """Page-locked copies, so that `.to("cuda", non_blocking=True)` is truly asynchronous."""
-        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
-            return t.pin_memory() if t is not None else None
+        return self._map(lambda t: t.pin_memory())
 
-        return dataclasses.replace(self, input_ids=pin(self.input_ids), labels=pin(self.labels),
-                                   target_index=pin(self.target_index))
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which examples go where in one epoch: global batch g holds rows
+    batch_start[g] .. batch_start[g + 1] - 1, and row r holds the examples
+    examples[row_start[r]:row_start[r + 1]], in the order they sit in the row."""
+
+    examples: np.ndarray
+    row_start: np.ndarray
+    batch_start: np.ndarray
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batch_start) - 1
+
+    def batch_rows(self, g: int) -> list[np.ndarray]:
+        rs = self.row_start[self.batch_start[g] : self.batch_start[g + 1] + 1]
+        return [self.examples[a:b] for a, b in zip(rs[:-1], rs[1:])]
+
+    def batch_examples(self, g: int) -> np.ndarray:
+        rows = self.row_start[[self.batch_start[g], self.batch_start[g + 1]]]
+        return self.examples[rows[0] : rows[1]]
+
+
+def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Indices into `lengths` grouped into bins of total <= capacity: longest first, each
+    into the first bin with room. Bins list their items in index order.
+
+    Written here rather than taken from a library: it is the dozen lines below, and the
+    packing libraries (e.g. binpacking) are a dependency for no gain in speed."""
+    order = np.argsort(-lengths, kind="stable")
+    room = np.empty(len(lengths), dtype=np.int64)  # free tokens of each open bin
+    bins: list[list[int]] = []
+    for i in order:
+        n = int(lengths[i])
+        fits = np.flatnonzero(room[: len(bins)] >= n)
+        if len(fits):
+            b = int(fits[0])
+            bins[b].append(int(i))
+            room[b] -= n
+        else:
+            room[len(bins)] = capacity - n
+            bins.append([int(i)])
+    return [sorted(b) for b in bins]
 
 
 class BatchLoader:
@@ -188,7 +261,7 @@ class BatchLoader:
     def __init__(
         self,
         split: TokenizedSplit,
-        batching: Literal["pack", "pad"],
+        batching: Literal["pack", "pack_concat", "pad"],
         seq_len: int,
         batch_size: int,
         seed: int,
@@ -196,17 +269,17 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
     ):
-        if batching not in ("pack", "pad"):
-            raise ValueError(f"batching must be 'pack' or 'pad', got {batching!r}")
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         longest = int(split.lengths.max()) if split.n_examples else 0
-        if batching == "pad" and longest > seq_len + 1:
+        if longest > seq_len + 1:
             raise ValueError(
                 f"the {split.name} split has examples of {longest} tokens (prepared for a longer seq_len); "
-                f"pad batching with seq_len={seq_len} holds at most {seq_len + 1}"
+                f"a row of seq_len={seq_len} holds at most {seq_len + 1}"
             )
         self.split = split
         self.batching = batching
@@ -217,6 +290,7 @@ class BatchLoader:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self._plan: tuple[int, EpochPlan] | None = None  # (epoch, its plan)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration uses (call it before each epoch)."""
@@ -224,29 +298,21 @@ class BatchLoader:
 
     # -------------------------------------------------------------- the epoch's plan
 
+    def plan(self) -> EpochPlan:
+        """The current epoch's plan (computed once per epoch and kept)."""
+        if self._plan is None or self._plan[0] != self.epoch:
+            self._plan = (self.epoch, self._pad_plan() if self.batching == "pad" else self._pack_plan())
+        return self._plan[1]
+
     def _rng(self) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch])
-
-    def _n_blocks(self) -> int:
-        # targets are stream positions 1..S-1; each block of seq_len + 1 covers seq_len of them
-        n_targets = max(self.split.n_tokens - 1, 0)
-        return -(-n_targets // self.seq_len)
-
-    def global_batches(self) -> int:
-        """Batches in the epoch across all ranks, before padding to a multiple of world_size."""
-        n_items = self._n_blocks() if self.batching == "pack" else self.split.n_examples
-        return -(-n_items // self.batch_size)
-
-    def __len__(self) -> int:
-        """Batches this rank yields per epoch (the same on every rank)."""
-        return -(-self.global_batches() // self.world_size)
 
     def _order(self, rng: np.random.Generator) -> np.ndarray:
         n = self.split.n_examples
         return rng.permutation(n) if self.shuffle else np.arange(n)
 
-    def _pad_plan(self) -> list[np.ndarray]:
-        """Example ids of every global batch, length-bucketed."""
+    def _pad_plan(self) -> EpochPlan:
+        """One example per row; batches length-bucketed."""
         rng = self._rng()
         order = self._order(rng)
         chunk = self.batch_size * PAD_BUCKET_BATCHES
@@ -257,39 +323,46 @@ class BatchLoader:
             batches.extend(ids[b : b + self.batch_size] for b in range(0, len(ids), self.batch_size))
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
+        examples = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+        sizes = np.array([0] + [len(b) for b in batches], dtype=np.int64)
+        return EpochPlan(examples, np.arange(len(examples) + 1, dtype=np.int64), np.cumsum(sizes))
 
-    def _pack_plan(self) -> tuple[np.ndarray, np.ndarray]:
-        """(example order, stream start of each ordered example + total at the end)."""
-        order = self._order(self._rng())
-        cum = np.zeros(len(order) + 1, dtype=np.int64)
-        np.cumsum(self.split.lengths[order], out=cum[1:])
-        return order, cum
+    def _pack_plan(self) -> EpochPlan:
+        """Whole examples first-fit into rows of seq_len + 1 tokens, chunk by chunk of the
+        shuffled order; rows shuffled, then batch_size rows a batch."""
+        rng = self._rng()
+        order = self._order(rng)
+        rows: list[np.ndarray] = []
+        for c in range(0, len(order), PACK_CHUNK_EXAMPLES):
+            ids = order[c : c + PACK_CHUNK_EXAMPLES]
+            rows.extend(ids[b] for b in first_fit_decreasing(self.split.lengths[ids], self.seq_len + 1))
+        if self.shuffle:
+            rows = [rows[i] for i in rng.permutation(len(rows))]
+        examples = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        row_start = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
+        batch_start = np.append(np.arange(0, len(rows), self.batch_size, dtype=np.int64), len(rows))
+        return EpochPlan(examples, row_start, batch_start)
+
+    def global_batches(self) -> int:
+        """Batches in the epoch across all ranks, before padding to a multiple of world_size."""
+        if self.batching == "pad":  # known without placing anything
+            return -(-self.split.n_examples // self.batch_size)
+        return self.plan().n_batches
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (the same on every rank)."""
+        return -(-self.global_batches() // self.world_size)
 
     def global_batch_supervised(self) -> np.ndarray:
         """Supervised tokens (labels != -100) of each global batch of the epoch (int64, one per
-        batch, before padding), computed from the plan without building any batch."""
-        if self.global_batches() == 0:
+        batch, before padding), computed from the plan without building any batch: every
+        example's targets are its tokens 1.. (token 0 never counts; its mask is 0 anyway)."""
+        plan = self.plan()
+        if plan.n_batches == 0:
             return np.zeros(0, dtype=np.int64)
-        if self.batching == "pad":
-            plan = self._pad_plan()
-            ex = np.concatenate(plan)
-            # a row's targets are its tokens 1.., so token 0 never counts (its mask is 0 anyway)
-            first = self.split.supervised_before(ex, np.ones_like(ex))
-            per_row = self.split.example_supervised[ex] - first
-            starts = np.cumsum([0] + [len(b) for b in plan[:-1]])
-            return np.add.reduceat(per_row, starts)
-        # pack: global batch g holds blocks g*B .. (g+1)*B - 1, whose targets are the stream
-        # positions g*B*T + 1 .. (g+1)*B*T (those before the end): one contiguous span, so its
-        # count is a difference of the stream's supervised prefix at the two ends
-        order, cum = self._pack_plan()
-        total = int(cum[-1])
-        per_batch = self.batch_size * self.seq_len
-        ends = np.minimum(np.arange(self.global_batches() + 1, dtype=np.int64) * per_batch + 1, total)
-        k = np.minimum(np.searchsorted(cum, ends, side="right") - 1, len(order) - 1)  # example holding each end
-        ex_before = np.concatenate([[0], np.cumsum(self.split.example_supervised[order])])
-        prefix = ex_before[k] + self.split.supervised_before(order[k], ends - cum[k])
-        return np.diff(prefix)
+        ex = plan.examples
+        per_example = self.split.example_supervised[ex] - self.split.supervised_before(ex, np.ones_like(ex))
+        return np.add.reduceat(per_example, plan.row_start[plan.batch_start[:-1]])
 
     def step_supervised_counts(self, grad_accum: int) -> np.ndarray:
         """Supervised tokens of each optimizer step of the epoch, summed over every rank's
@@ -324,26 +397,42 @@ class BatchLoader:
         """This rank's batches of the current epoch, skipping the first `start_batch` (resume)."""
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch {start_batch} is outside [0, {len(self)}]")
-        ids = self.rank_batch_ids()[start_batch:]
-        if self.batching == "pack":
-            order, cum = self._pack_plan()
-            n_blocks = self._n_blocks()
-            for g in ids:
-                blocks = np.arange(g * self.batch_size, min((g + 1) * self.batch_size, n_blocks), dtype=np.int64)
-                yield self._pack_batch(blocks, order, cum)
-        else:
-            plan = self._pad_plan()
-            for g in ids:
-                yield self._pad_batch(plan[g])
+        plan = self.plan()
+        for g in self.rank_batch_ids()[start_batch:]:
+            if self.batching == "pad":
+                yield self._pad_batch(plan.batch_examples(g))
+            else:
+                yield self._pack_batch(plan.batch_rows(g))
 
-    def _pack_batch(self, blocks: np.ndarray, order: np.ndarray, cum: np.ndarray) -> Batch:
-        total = int(cum[-1])
-        pos = blocks[:, None] * self.seq_len + np.arange(self.seq_len + 1, dtype=np.int64)[None, :]
-        valid = pos < total
-        pos = np.minimum(pos, total - 1)
-        k = np.searchsorted(cum, pos, side="right") - 1  # which ordered example holds pos
-        tokens, mask = self.split.gather(order[k], pos - cum[k])
-        return _make_batch(tokens, mask, valid)
+    def _pack_batch(self, rows: list[np.ndarray]) -> Batch:
+        """Rows of whole examples, each row seq_len + 1 wide, its tail padded."""
+        width = self.seq_len + 1
+        ex = np.concatenate(rows)
+        lengths = self.split.lengths[ex]
+        first = np.cumsum([0] + [len(r) for r in rows[:-1]])  # index in ex of each row's first example
+        row_of = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+        ends = np.cumsum(lengths)
+        start_in_row = ends - lengths - (ends - lengths)[first][row_of]  # column of each example's token 0
+        doc_in_row = np.arange(len(ex)) - first[row_of]
+        # one entry per token: (row, column) it lands at, and which token of which example it is
+        within = np.arange(int(ends[-1])) - np.repeat(ends - lengths, lengths)
+        r = np.repeat(row_of, lengths)
+        c = np.repeat(start_in_row, lengths) + within
+        tokens = np.full((len(rows), width), EOT_ID, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.uint8)
+        valid = np.zeros((len(rows), width), dtype=bool)
+        tokens[r, c], mask[r, c] = self.split.gather(np.repeat(ex, lengths), within)
+        valid[r, c] = True
+        if self.batching == "pack_concat":  # the whole row is one sequence
+            return _make_batch(tokens, mask, valid)
+        doc = np.full((len(rows), width), PAD_DOC_ID, dtype=np.int64)
+        pos = np.zeros((len(rows), width), dtype=np.int64)
+        doc[r, c] = np.repeat(doc_in_row, lengths)
+        pos[r, c] = within
+        # an example's input positions: its tokens, less the last when it ends the full row
+        inputs = np.minimum(start_in_row + lengths, self.seq_len) - start_in_row
+        return _make_batch(tokens, mask, valid, doc_ids=doc[:, :-1], position_ids=pos[:, :-1],
+                           attention_pairs=int((inputs**2).sum()))
 
     def _pad_batch(self, ex: np.ndarray) -> Batch:
         lengths = self.split.lengths[ex]
@@ -443,20 +532,31 @@ class _Failed:
     error: BaseException
 
 
-def _make_batch(tokens: np.ndarray, mask: np.ndarray, valid: np.ndarray) -> Batch:
-    """(B, T+1) tokens/mask/valid -> inputs x = [:, :-1] and labels from y = [:, 1:]."""
+def _make_batch(
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    valid: np.ndarray,
+    doc_ids: np.ndarray | None = None,
+    position_ids: np.ndarray | None = None,
+    attention_pairs: int | None = None,
+) -> Batch:
+    """(B, T+1) tokens/mask/valid -> inputs x = [:, :-1] and labels from y = [:, 1:].
+    attention_pairs defaults to one sequence per row (its real positions, a prefix)."""
     tokens = np.where(valid, tokens, EOT_ID)
     supervised = valid[:, 1:] & (mask[:, 1:] == 1)
     labels = np.where(supervised, tokens[:, 1:], IGNORE_INDEX)
     row_real = np.count_nonzero(valid[:, :-1], axis=1).astype(np.int64)  # real positions are a prefix of each row
     n_real = int(row_real.sum())
     target_index = np.flatnonzero(supervised).astype(np.int64)  # row-major: labels.reshape(-1)
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)) if a is not None else None  # noqa: E731
     return Batch(
-        input_ids=torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
-        labels=torch.from_numpy(np.ascontiguousarray(labels)),
+        input_ids=as_tensor(tokens[:, :-1]),
+        labels=as_tensor(labels),
         n_real_tokens=n_real,
         n_supervised=len(target_index),
         n_pad=int(valid[:, :-1].size) - n_real,
-        target_index=torch.from_numpy(target_index),
-        n_attention_pairs=int((row_real**2).sum()),
+        target_index=as_tensor(target_index),
+        n_attention_pairs=int((row_real**2).sum()) if attention_pairs is None else attention_pairs,
+        doc_ids=as_tensor(doc_ids),
+        position_ids=as_tensor(position_ids),
     )
