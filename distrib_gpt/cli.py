@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distrib-gpt",
         description="Distributed, mixed-precision fine-tuning of GPT-2 on instruction data.",
-        epilog="Overrides are dotted config keys, e.g. optim.lr=3e-4 train.epochs=3 precision=bf16.",
+        epilog="Overrides are dotted config keys, e.g. optim.lr=3e-4 train.epochs=3 precision=bf16, "
+        "anywhere on the line; for a key given twice the later value wins.",
     )
     parser.add_argument("--version", action="version", version=f"distrib-gpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -327,8 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line parsed, with dotted overrides accepted anywhere on it."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills a nargs="*" positional from its first run of words only, so in
+    # `train a=1 --config X b=2` the b=2 comes back unparsed: later runs follow earlier
+    # ones, so a later value of a key wins, as everywhere else on the line
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return run_command(lambda: args.fn(args))
 
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,3 +48,25 @@ def test_bad_data_fails_in_one_line_and_leaves_nothing(tmp_path):
 def test_missing_config_file(tmp_path):
     r = cli("train", "--config", "nope.yaml", cwd=tmp_path)
     assert r.returncode == 2 and "nope.yaml: config file not found" in r.stderr
+
+
+def test_overrides_anywhere_on_the_line(capsys):
+    """Overrides before and after an option both apply, in command-line order (the later
+    value of a key wins); a stray word that is not key=value is refused."""
+    from distrib_gpt.cli import parse_args
+    from distrib_gpt.config import load_config
+
+    quickstart = str(ROOT / "configs/quickstart.yaml")
+    args = parse_args(["train", "optim.lr=0.5", "data.seq_len=128", "--config", quickstart, "optim.lr=0.25", "train.epochs=7"])
+    assert args.config == quickstart
+    assert args.overrides == ["optim.lr=0.5", "data.seq_len=128", "optim.lr=0.25", "train.epochs=7"]
+    cfg = load_config(args.config, args.overrides)
+    assert (cfg.optim.lr, cfg.data.seq_len, cfg.train.epochs, cfg.model.n_layer) == (0.25, 128, 7, 4)
+    args = parse_args(["eval", "data.batching=pad", "--checkpoint", "ck", "--json", "eval.val_batches=null"])
+    assert args.checkpoint == "ck" and args.json and args.overrides == ["data.batching=pad", "eval.val_batches=null"]
+    for argv, stray in ((["train", "optim.lr=0.1", "--config", quickstart, "stray"], "stray"),
+                        (["train", "a=1", "--bogus"], "--bogus"),
+                        (["export-hf", "--checkpoint", "c", "--out", "o", "a=1"], "a=1")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert f"unrecognized arguments: {stray}" in capsys.readouterr().err
