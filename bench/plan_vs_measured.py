@@ -140,6 +140,8 @@ def measure(case: dict) -> dict:
     strategy = case.get("strategy", "single")
     torch.manual_seed(0)
     model = GPT(GPTConfig(**case["shape"]))
+    if not strategy.startswith(("fsdp", "hsdp")):  # fully_shard moves its shards; DDP and one process do not
+        model = model.to(device)
     policy = resolve_precision(case["precision"], device)
     par = parallelize(model, ParallelConfig(strategy=strategy, activation_checkpointing=case.get("ac", False)),
                       policy, info, device)

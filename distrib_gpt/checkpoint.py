@@ -480,16 +480,24 @@ def save_adapter(adapters: dict[str, torch.Tensor], cfg, out_dir: Path) -> Path:
     return Path(out_dir)
 
 
+def consolidated_dir(path: str | Path) -> Path:
+    """The consolidated checkpoint (fp or int8) that `path` names on a command line: the
+    directory itself, or a run directory's `checkpoint/`. Every command that takes
+    `--checkpoint` resolves it here, so all of them accept a run directory."""
+    path = Path(path)
+    if not (path / CONFIG).is_file() and not (path / WEIGHTS).is_file() and (path / "checkpoint" / WEIGHTS).is_file():
+        return path / "checkpoint"
+    return path
+
+
 def load_any(path: Path) -> GPT:
     """A consolidated (safetensors) or sharded (DCP) checkpoint, or a run directory (its
     consolidated `checkpoint/`, else its latest sharded checkpoint)."""
-    path = Path(path)
+    path = consolidated_dir(path)
     if (path / WEIGHTS).is_file() or (path / CONFIG).is_file():
         return load_consolidated(path)
     if (path / TRAINER_STATE).is_file():
         return load_sharded_model(path)
-    if (path / "checkpoint" / WEIGHTS).is_file():
-        return load_consolidated(path / "checkpoint")
     resumed = resolve_resume(str(path), path) if path.exists() else None
     if resumed is not None:
         return load_sharded_model(resumed)

@@ -130,7 +130,7 @@ def _add_inference_commands(sub) -> None:
         "CPU, int8_dynamic runs on fbgemm's int8 kernel; int8_weight_only and int8_static run on torchao's, which "
         "is slower than fp32 without AVX-512 VNNI/AMX (measured figures: docs/benchmarks.md).",
     )
-    p.add_argument("--checkpoint", required=True, help="consolidated checkpoint directory (e.g. runs/NAME/checkpoint)")
+    p.add_argument("--checkpoint", required=True, help="consolidated checkpoint directory or run directory (e.g. runs/NAME)")
     p.add_argument("--out", required=True, help="directory for the int8 checkpoint")
     p.add_argument("--method", choices=["int8_dynamic", "int8_weight_only", "int8_static"], help="quantize.method (default int8_dynamic)")
     p.add_argument("--config", "-c", help=config_help)
@@ -147,7 +147,7 @@ def _add_inference_commands(sub) -> None:
         description="Mean token loss and perplexity of a checkpoint (fp or int8) on the validation split "
         "(eval.val_batches batches of eval.batch_size), as training reports it.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (fp or int8)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (fp or int8) or run directory")
     p.add_argument("--config", "-c", help=config_help)
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="default: cpu")
     p.add_argument("--json", action="store_true", help="print one JSON line")
@@ -162,7 +162,7 @@ def _add_inference_commands(sub) -> None:
         "config.yaml, else Dolly's). A prompt of P tokens needs P + max-new-tokens <= the model's positions: "
         "otherwise it is refused, or with --overlong truncate cut to its last tokens. Stops at end-of-text.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (fp or int8)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (fp or int8) or run directory")
     p.add_argument("--prompt", help="raw text to continue")
     p.add_argument("--instruction", help="instruction for the training template")
     p.add_argument("--context", help="optional context (input) for the template")
@@ -345,6 +345,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if getattr(args, "checkpoint", None):  # one resolver: a run directory names its checkpoint/
+        from .checkpoint import consolidated_dir
+
+        args.checkpoint = str(consolidated_dir(args.checkpoint))
     return run_command(lambda: args.fn(args))
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
@@ -180,7 +180,6 @@ class Generation:
     """Seconds for everything after: sampling every token and one forward per token after the first."""
     decode_steps: int
     """Single-position forwards run after the prefill (new tokens - 1 unless all rows stopped early)."""
-    timings: dict = field(default_factory=dict)
 
 
 def _sync(device: torch.device) -> None:

@@ -402,7 +402,9 @@ def quantize_model(
             raise QuantizationError("quantize.method int8_static needs calibration examples (quantize.calib_examples)")
         amax = calibrate(model, static, calib_batches)
         for n in static:
-            scale = torch.tensor(max(amax[n], 1e-8) / 127.5, dtype=torch.float32).reshape(1, 1, 1)
+            # on the layer's device: a CPU scale would meet CUDA activations in the first forward
+            device = model.get_submodule(n).weight.device
+            scale = torch.tensor(max(amax[n], 1e-8) / 127.5, dtype=torch.float32, device=device).reshape(1, 1, 1)
             config = ao["Static"](
                 act_quant_scale=scale, granularity=[ao["PerTensor"](), ao["PerRow"]()], set_inductor_config=False
             )

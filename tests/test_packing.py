@@ -120,11 +120,13 @@ def test_one_checkpoint_evaluates_the_same_with_pack_and_pad(tmp_path, capsys):
     T.train(load_config(None, tiny_run(tmp_path, "train.max_steps=4")))
     ckpt = tmp_path / "runs" / "r" / "checkpoint"
 
-    def eval_loss(batching: str) -> float:
+    def eval_loss(batching: str, checkpoint=ckpt) -> float:
         capsys.readouterr()
-        cli.main(["eval", "--checkpoint", str(ckpt), "--json", f"data.batching={batching}", "eval.val_batches=null"])
+        assert cli.main(["eval", "--checkpoint", str(checkpoint), "--json", f"data.batching={batching}",
+                         "eval.val_batches=null"]) == 0
         return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
 
     pack, pad, concat = eval_loss("pack"), eval_loss("pad"), eval_loss("pack_concat")  # 40 validation examples
+    assert eval_loss("pad", checkpoint=ckpt.parent) == pad  # the run directory names its checkpoint/
     assert abs(pack - pad) <= 1e-5 * pad, (pack, pad)
     assert abs(concat - pad) > 1e-4 * pad, (concat, pad)
