@@ -169,12 +169,17 @@ def grad_norm_to_tensor(norm: torch.Tensor) -> torch.Tensor:
 
 
 def full_state_dict(p: Parallelized) -> dict[str, torch.Tensor]:
-    """The plain model's full state dict on CPU (gathered from the shards under FSDP; every
-    rank must call this)."""
+    """The plain model's full state dict on CPU, on rank 0; the other ranks get {} (every
+    rank must call this: under FSDP it gathers the shards, and torch's cpu_offload option
+    keeps the result on rank 0 only). Under DDP every rank holds the whole model already;
+    a host copy on each of them, though only rank 0 writes it, would multiply the host
+    memory by the ranks per node (gpt2-xl on 8 GPUs: ~50 GB)."""
     if p.strategy in FSDP_STRATEGIES:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(p.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return {}
     return {k: v.detach().cpu() for k, v in p.inner.state_dict().items()}
 
 

@@ -7,7 +7,8 @@ processes (torch.multiprocessing spawn, gloo, 2 ranks on the CPU):
   whole model grows it by about its bytes (the measurement can see it);
 - the weights are the ones a single process starts from, bit for bit: scratch, LoRA, and
   pretrained (a tiny Hugging Face GPT-2 saved locally; nothing is downloaded);
-- every rank leaves the build in the single-process RNG state.
+- every rank leaves the build in the single-process RNG state;
+- the final full state dict is copied to the host on rank 0 only (DDP and FSDP).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from distrib_gpt.config import load_config
 from distrib_gpt.distributed import DistInfo, init_distributed
+from distrib_gpt.parallel import full_state_dict
 from distrib_gpt.precision import resolve_precision
 from distrib_gpt.train import build_model, build_parallel_model
 
@@ -49,6 +51,7 @@ def cases(hf_dir: Path) -> dict[str, tuple[list[str], str]]:
         "hsdp_2x1": ([*TINY, "parallel.hsdp_replicas=2"], "hsdp"),  # two replicas of one shard each
         "lora": ([*TINY, "lora.enabled=true", "lora.rank=4"], "fsdp_full"),
         "pretrained": (pretrained, "fsdp_full"),
+        "ddp": (TINY, "ddp"),
     }
 
 
@@ -114,11 +117,15 @@ def _worker(rank: int, port: int, builds: list[tuple[str, list[str], str]], out:
             del full
             continue
         par = build(cfg, info, device)
+        if strategy == "ddp":  # only the final state dict, which train.py saves from rank 0
+            results[name] = dict(final=full_state_dict(par))
+            continue
         after = torch.rand(4)  # the RNG state the build left behind
         model = par.model
         tied = model.lm_head.weight is model.transformer.wte.weight
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        results[name] = dict(bytes=param_bytes(model), tied=tied, rng=after, state=state if rank == 0 else None)
+        results[name] = dict(bytes=param_bytes(model), tied=tied, rng=after, state=state if rank == 0 else None,
+                             final_keys=len(full_state_dict(par)))
     torch.save(results, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -219,3 +226,15 @@ def test_weights_and_rng_equal_a_single_process(ranks, case, hf_dir):
         assert torch.equal(got["transformer.wpe.weight"], hf["transformer.wpe.weight"])
     for res in ranks:
         assert torch.equal(res[case]["rng"], rng)
+
+
+def test_only_rank0_copies_the_final_state_dict(ranks):
+    """The consolidated save reads the full state dict on rank 0 only: other ranks get {}
+    (DDP: no host copy of the whole model on every rank; FSDP: torch's cpu_offload)."""
+    final = ranks[0]["ddp"]["final"]
+    single, _ = single_process(TINY)
+    assert final.keys() == single.state_dict().keys()
+    assert all(torch.equal(final[k], v) for k, v in single.state_dict().items())
+    assert ranks[1]["ddp"]["final"] == {}
+    for case in ("fsdp_full", "hsdp"):
+        assert ranks[0][case]["final_keys"] == len(final) and ranks[1][case]["final_keys"] == 0
