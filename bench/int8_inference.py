@@ -74,7 +74,7 @@ from distrib_gpt.quantize import (
     val_loader,
 )
 from distrib_gpt.tokenizer import EOT_ID
-from bench.machine import other_load, wait_quiet  # noqa: E402
+from bench.machine import other_load, wait_quiet, write_results  # noqa: E402
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # label: (quantize.method, quantize.lm_head, int8 kernel)
@@ -410,8 +410,7 @@ def main() -> None:
         print()
         print(kernel_table(result["kernels_batch1_us"]))
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+            write_results(args.out, result)
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -453,8 +452,7 @@ def main() -> None:
         print(f"ours vs transformers (fp32): {json.dumps(result['gpt2_124m_random']['ours_vs_hf'])}")
     print(f"\nwall time {result['wall_time_s']:.0f}s")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -103,3 +103,14 @@ def environment() -> dict:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     env["torch"], env["transformers"] = json.loads(out)
     return env
+
+
+def write_results(path: Path, data: dict) -> None:
+    """A benchmark's results as indented JSON at `path` (folders made; written to a
+    temporary file, then renamed, so an interrupted run never leaves half a file that
+    bench/tables.py would read). Values JSON cannot hold are written as str()."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import environment, other_load  # noqa: E402
+from bench.machine import environment, other_load, write_results  # noqa: E402
 
 MODES = ("pad", "pack", "pack_concat")
 
@@ -203,8 +203,7 @@ def main() -> None:
     }
     print(f"pack / pack_concat {out['ratio_pack_vs_pack_concat']:.2f}x, pack / pad {out['ratio_pack_vs_pad']:.2f}x")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
+        write_results(args.out, out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import busy_jiffies, environment, wait_quiet  # noqa: E402
+from bench.machine import busy_jiffies, environment, wait_quiet, write_results  # noqa: E402
 CONFIG = "configs/quickstart.yaml"
 # copied from the run's summary.json
 SUMMARY_KEYS = (
@@ -90,8 +90,7 @@ def main() -> None:
         "summary": {k: summary.get(k) for k in SUMMARY_KEYS},
         "environment": env,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     s = result["summary"]
     print(
         f"\nwall {wall:.1f} s | steps {s['steps']} | tokens/s {s['tokens_per_s']:,.0f} | train loss by epoch "

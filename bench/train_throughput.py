@@ -27,7 +27,6 @@ each round running both in fresh processes of the same shape, in alternating ord
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -181,7 +180,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--before-ref", default=None, help="also compare our trainer at this git commit with this checkout")
     args = p.parse_args()
-    from bench.machine import environment  # date, CPU, versions, commit
+    from bench.machine import environment, write_results  # date, CPU, versions, commit
 
     env = environment()
 
@@ -229,8 +228,7 @@ def main() -> None:
     print(f"ratio ours(pad)  / HF Trainer: {out['ratio_ours_pad_vs_hf']:.2f}x")
     print(f"ratio ours(pad, LM head at every position) / HF Trainer: {out['ratio_ours_pad_full_head_vs_hf']:.2f}x")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
+        write_results(args.out, out)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ has no backward on a CPU.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,9 @@ from distrib_gpt.data import BatchLoader, TokenizedSplit, prepare_data
 from distrib_gpt.data.loader import PAD_DOC_ID
 from distrib_gpt.model import GPT, GPTConfig
 from distrib_gpt.precision import resolve_precision
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from tiny_run import tiny_run  # noqa: E402
 
 SEQ = 64
 
@@ -104,20 +109,17 @@ def test_eval_loss_is_the_same_packed_and_padded(val_split):
     assert abs(loss["pack_concat"] - loss["pad"]) > 1e-3 * loss["pad"], loss
 
 
-def tiny_run(tmp_path, *extra: str) -> list[str]:
-    return [
-        "model.name=custom", "model.init=scratch", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-        "model.block_size=256", "data.source=bundled", "data.max_examples=200", "data.seq_len=256",
-        "data.val_fraction=0.2",
-        f"data.cache_dir={tmp_path / 'cache'}", f"run.out_dir={tmp_path / 'runs'}", "run.device=cpu",
-        "run.name=r", "train.epochs=1", "train.micro_batch_size=4", "train.progress=false",
-        "eval.train_subset_batches=2", "eval.val_batches=2", "quantize.after_training=false", *extra,
-    ]
+def eval_run(tmp_path, *extra: str) -> list[str]:
+    """The shared tiny run at seq_len 256 with 40 validation examples, so that packed rows
+    hold several of them."""
+    return tiny_run(tmp_path / "cache", tmp_path / "runs", "r", "model.block_size=256", "data.seq_len=256",
+                    "data.max_examples=200", "data.val_fraction=0.2", "train.epochs=1",
+                    "quantize.after_training=false", *extra)
 
 
 def test_one_checkpoint_evaluates_the_same_with_pack_and_pad(tmp_path, capsys):
     """`distrib-gpt eval` of a trained checkpoint over the whole validation split."""
-    T.train(load_config(None, tiny_run(tmp_path, "train.max_steps=4")))
+    T.train(load_config(None, eval_run(tmp_path, "train.max_steps=4")))
     ckpt = tmp_path / "runs" / "r" / "checkpoint"
 
     def eval_loss(batching: str, checkpoint=ckpt) -> float:

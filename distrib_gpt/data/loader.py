@@ -54,8 +54,9 @@ BATCHINGS = ("pack", "pack_concat", "pad")
 PAD_BUCKET_BATCHES = 50  # pad mode sorts by length within chunks of batch_size * 50 examples
 # Packing places this many consecutive examples of the shuffled order at a time. Larger
 # chunks pad less (only a chunk's last few rows are loosely filled) but keep examples
-# near their place in the shuffled order less; measured on the bundled Dolly sample at
-# seq_len 1024 in docs/data.md.
+# near their place in the shuffled order less. On the bundled sample (seq_len 256 and
+# 1024) chunks of 256 or 1,024 padded more than 2,048, and 4,096 no less; the padding at
+# 2,048 is in docs/data.md.
 PACK_CHUNK_EXAMPLES = 2048
 # Bumped whenever some mode's epoch plan changes, so that a checkpoint is never resumed
 # on other batches than it would have seen (train.check_resumable). 1: `pack` cut one
@@ -411,11 +412,11 @@ class BatchLoader:
         lengths = self.split.lengths[ex]
         first = np.cumsum([0] + [len(r) for r in rows[:-1]])  # index in ex of each row's first example
         row_of = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
-        ends = np.cumsum(lengths)
-        start_in_row = ends - lengths - (ends - lengths)[first][row_of]  # column of each example's token 0
+        starts = np.cumsum(lengths) - lengths  # of each example, in the rows laid end to end
+        start_in_row = starts - starts[first][row_of]  # column of each example's token 0
         doc_in_row = np.arange(len(ex)) - first[row_of]
         # one entry per token: (row, column) it lands at, and which token of which example it is
-        within = np.arange(int(ends[-1])) - np.repeat(ends - lengths, lengths)
+        within = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
         r = np.repeat(row_of, lengths)
         c = np.repeat(start_in_row, lengths) + within
         tokens = np.full((len(rows), width), EOT_ID, dtype=np.int64)
